@@ -673,7 +673,7 @@ class ScriptedPlayer:
         self.moves, self.move_keys = 0, set()
         self.look = []                            # queued (dx, dy) mouse moves, one per tick
         self.attack_ticks, self.use_ticks = 0, 0
-        self.last_pos, self.blocked = None, 0
+        self.last_pos, self.blocked, self.tick = None, 0, 0
 
     def _new_move(self):
         r = self.rng
@@ -737,10 +737,13 @@ class ScriptedPlayer:
         dwheel = int(r.choice([-1, 1])) if r.random() < 0.01 else 0
         if r.random() < 0.005:
             self.use_ticks = int(r.integers(1, 4))
-        buttons = {0} if self.attack_ticks > 0 else set()
+        # Never attack on the first tick: the converter would take it for the recorder's
+        # "attack stuck" quirk and drop it.
+        buttons = {0} if self.attack_ticks > 0 and self.tick > 0 else set()
         if self.use_ticks > 0:
             buttons.add(1)
         self.attack_ticks, self.use_ticks = self.attack_ticks - 1, self.use_ticks - 1
+        self.tick += 1
         return PlayerInput(keys={f"key.keyboard.{k}" for k in keys}, dx=dx, dy=dy,
                            buttons=buttons, dwheel=dwheel)
 
@@ -753,7 +756,7 @@ def write_synthetic_episode(raw_dir, stem, seed, n_frames):
     if os.path.exists(video_path) and os.path.exists(jsonl_path):
         return
     world, player = World(seed), ScriptedPlayer(seed)
-    tmp_video, tmp_jsonl = video_path + ".tmp.mp4", jsonl_path + ".tmp"
+    tmp_video, tmp_jsonl = f"{video_path}.{os.getpid()}.tmp.mp4", f"{jsonl_path}.{os.getpid()}.tmp"
     writer = cv2.VideoWriter(tmp_video, cv2.VideoWriter_fourcc(*"mp4v"), FPS, VIDEO_SIZE)
     previous = PlayerInput()
     with open(tmp_jsonl, "w") as f:

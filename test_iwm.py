@@ -1,0 +1,339 @@
+"""Tests for the JEPA image world model project. Run: python -m pytest -q test_iwm.py
+
+Each test name states the property it proves. Sections: data conversion (prepare_data.py),
+downloading, the world model (iwm.py).
+"""
+import http.server
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+import prepare_data as pd
+
+C = pd.COLUMN
+
+
+def line(keys=(), buttons=(), new_buttons=(), dx=0, dy=0, hotbar=0, gui=False, **extra):
+    """A VPT jsonl line with the given inputs (state fields filled in)."""
+    return {"mouse": {"x": 640, "y": 360, "dx": dx, "dy": dy, "buttons": list(buttons),
+                      "newButtons": list(new_buttons), "dwheel": 0},
+            "keyboard": {"keys": list(keys), "newKeys": [], "chars": ""},
+            "isGuiOpen": gui, "hotbar": hotbar, "yaw": 10.0, "pitch": 5.0,
+            "xpos": 1.0, "ypos": 2.0, "zpos": 3.0, **extra}
+
+
+def write_video(path, n_frames, size=pd.VIDEO_SIZE, fps=pd.FPS, value=lambda i: 0):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    for i in range(n_frames):
+        writer.write(np.full((size[1], size[0], 3), value(i), np.uint8))
+    writer.release()
+
+
+def write_jsonl(path, lines):
+    with open(path, "w") as f:
+        for item in lines:
+            f.write(json.dumps(item) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# Action conversion, line by line (vpt-format.md)
+
+def test_every_mapped_key_sets_its_minerl_column_and_other_keys_are_ignored():
+    for key, name in pd.KEY_TO_ACTION.items():
+        actions, _ = pd.actions_from_lines([line(keys=[key, "key.keyboard.z"])])
+        assert actions[0, C[name]] == 1
+        assert actions[0].sum() == 1, f"{key} set more than its own column"
+    assert len(pd.KEY_TO_ACTION) == 20
+
+
+def test_mouse_buttons_use_vpt_numbering_zero_is_attack():
+    actions, _ = pd.actions_from_lines([line(buttons=[0]), line(buttons=[1]), line(buttons=[2]),
+                                        line(buttons=[3, 7])])
+    assert actions[0, C["attack"]] == 1 and actions[1, C["use"]] == 1 and actions[2, C["pickItem"]] == 1
+    assert actions[3].sum() == 0          # buttons above 2 are ignored
+
+
+def test_camera_is_float_degrees_so_small_moves_are_not_truncated():
+    actions, _ = pd.actions_from_lines([line(dx=1, dy=-3), line(dx=2400)])
+    assert actions[0, C["camera_yaw"]] == pytest.approx(0.15)
+    assert actions[0, C["camera_pitch"]] == pytest.approx(-0.45)
+    assert actions[1, C["camera_yaw"]] == pytest.approx(360.0)   # 2400 units = a full turn
+
+
+def test_hotbar_change_sets_the_key_on_the_line_before_the_new_state():
+    lines = [line(hotbar=0), line(hotbar=0), line(hotbar=3), line(hotbar=3)]
+    actions, _ = pd.actions_from_lines(lines)
+    hotbar = actions[:, [C[f"hotbar.{n}"] for n in range(1, 10)]]
+    assert hotbar[1, 3] == 1              # action 1 caused the slot-3 state on line 2: hotbar.4
+    assert hotbar.sum() == 1
+
+
+def test_attack_stuck_at_start_is_released_until_attack_is_pressed_again():
+    lines = [line(buttons=[0], new_buttons=[0]), line(buttons=[0]), line(buttons=[0, 1]),
+             line(buttons=[0], new_buttons=[0]), line(buttons=[0])]
+    actions, _ = pd.actions_from_lines(lines)
+    assert actions[:, C["attack"]].tolist() == [0, 0, 0, 1, 1]
+    assert actions[2, C["use"]] == 1      # only attack is affected
+    normal, _ = pd.actions_from_lines([line(buttons=[0], new_buttons=[0, 1]), line(buttons=[0])])
+    assert normal[:, C["attack"]].tolist() == [1, 1]
+
+
+def test_null_mouse_or_keyboard_and_missing_fields_mean_no_input():
+    lines = [{"mouse": None, "keyboard": None}, {"keyboard": {"keys": None}}, {}]
+    actions, state = pd.actions_from_lines(lines)
+    assert actions.shape == (3, len(pd.ACTION_COLUMNS)) and actions.sum() == 0
+    assert state is None                  # no yaw/pitch/position recorded
+
+
+def test_state_and_gui_flag_are_read_from_the_line():
+    actions, state = pd.actions_from_lines([line(gui=True), line()])
+    assert actions[:, C["gui_open"]].tolist() == [1, 0]
+    assert state[0].tolist() == [10.0, 5.0, 1.0, 2.0, 3.0]
+
+
+def test_builtin_world_input_round_trips_through_the_converter():
+    inp = pd.PlayerInput(keys={"key.keyboard.w", "key.keyboard.3"}, dx=-7, dy=4, buttons={0})
+    world = pd.World(0)
+    actions, _ = pd.actions_from_lines([world.line(0, pd.PlayerInput()), world.line(1, inp)])
+    back = pd.input_from_action(actions[1])
+    assert (back.keys, back.dx, back.dy, back.buttons) == (inp.keys, inp.dx, inp.dy, inp.buttons)
+
+
+# -----------------------------------------------------------------------------
+# Reading episodes: frame/line pairing, cursor, bad input
+
+def test_frame_i_is_paired_with_line_i_and_a_doubled_last_frame_is_dropped(tmp_path):
+    lines = [line() for _ in range(10)]
+    for n_frames in (10, 11):
+        video = tmp_path / f"v{n_frames}.mp4"
+        write_video(video, n_frames, value=lambda i: 20 * i)
+        frames = pd.read_frames(video, lines, 64)
+        assert frames.shape == (10, 64, 64, 3)
+        np.testing.assert_allclose(frames.reshape(10, -1).mean(1), 20 * np.arange(10), atol=4)
+
+
+@pytest.mark.parametrize("n_frames", [8, 12])
+def test_a_frame_count_other_than_n_or_n_plus_one_is_an_error(tmp_path, n_frames):
+    video = tmp_path / "v.mp4"
+    write_video(video, n_frames)
+    with pytest.raises(pd.EpisodeError, match="v.mp4.*frames for 10 action lines"):
+        pd.read_frames(video, [line() for _ in range(10)], 64)
+
+
+def test_cursor_is_drawn_only_on_gui_open_frames_where_the_mouse_is(tmp_path):
+    video = tmp_path / "v.mp4"
+    write_video(video, 2)
+    # Window (640, 360) is the 1280x720 window's centre: the video's centre (320, 180)
+    lines = [line(), line(gui=True)]
+    frames = pd.read_frames(video, lines, 64)
+    assert frames[0].max() < 30
+    bright = np.argwhere(frames[1].max(axis=2) > 128)
+    assert len(bright) > 0
+    assert abs(bright[:, 0].mean() - 33) < 4 and abs(bright[:, 1].mean() - 33) < 4  # just below-right of centre
+
+
+def make_bad_episodes(raw):
+    """One good episode and one of each kind of bad input, in a raw folder."""
+    good = [line() for _ in range(12)]
+    write_video(raw / "good-000000000001-20200101-000000.mp4", 12)
+    write_jsonl(raw / "good-000000000001-20200101-000000.jsonl", good)
+    write_video(raw / "corrupt-000000000002-20200101-000000.mp4", 12)
+    with open(raw / "corrupt-000000000002-20200101-000000.jsonl", "w") as f:
+        f.write(json.dumps(good[0]) + "\n" + json.dumps(good[1])[:25] + "\n")   # truncated line
+    write_video(raw / "count-000000000003-20200101-000000.mp4", 20)
+    write_jsonl(raw / "count-000000000003-20200101-000000.jsonl", good)
+    (raw / "garbage-000000000004-20200101-000000.mp4").write_bytes(b"not a video at all" * 100)
+    write_jsonl(raw / "garbage-000000000004-20200101-000000.jsonl", good)
+    write_video(raw / "small-000000000005-20200101-000000.mp4", 12, size=(320, 180))
+    write_jsonl(raw / "small-000000000005-20200101-000000.jsonl", good)
+    write_video(raw / "fps-000000000006-20200101-000000.mp4", 12, fps=30)
+    write_jsonl(raw / "fps-000000000006-20200101-000000.jsonl", good)
+    write_video(raw / "lonely-000000000007-20200101-000000.mp4", 12)   # no jsonl
+
+
+def test_each_bad_episode_is_skipped_with_a_message_naming_its_file(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    make_bad_episodes(raw)
+    converted, problems = pd.convert_folder(str(raw), str(tmp_path / "data"), 64, "vpt", workers=2)
+    assert converted == 1
+    expected = {"corrupt": "line 2 is not valid JSON", "count": "more than 13 frames for 12",
+                "garbage": "cannot open", "small": "resolution 320x180",
+                "fps": "30 fps", "lonely": "no matching"}
+    for name, words in expected.items():
+        matching = [p for p in problems if f"{name}-0000" in p]
+        assert len(matching) == 1 and words in matching[0], (name, problems)
+    assert "converted 1 episodes, skipped 6" in capsys.readouterr().out
+    index, episodes = pd.load_dataset(str(tmp_path / "data"))
+    assert [e["name"] for e in episodes] == ["good-000000000001-20200101-000000"]
+
+
+# -----------------------------------------------------------------------------
+# The dataset: split, memory mapping, resume
+
+def test_split_is_by_session_deterministic_and_keeps_chunks_of_a_session_together():
+    stems = [f"alias{i}-{i:012x}-20220101-{h:06d}" for i in range(200) for h in (0, 500, 1000)]
+    splits = {s: pd.split_of(s, 0.1) for s in stems}
+    assert splits == {s: pd.split_of(s, 0.1) for s in stems}
+    for i in range(200):
+        assert len({splits[s] for s in stems if s.startswith(f"alias{i}-")}) == 1
+    val_sessions = sum(splits[f"alias{i}-{i:012x}-20220101-000000"] == "val" for i in range(200))
+    assert 8 <= val_sessions <= 35
+
+
+@pytest.fixture(scope="module")
+def builtin_raw(tmp_path_factory):
+    """Three short built-in-world episodes written as VPT files."""
+    raw = tmp_path_factory.mktemp("raw")
+    for i in range(3):
+        pd.write_synthetic_episode(str(raw), f"builtin-{i:012x}-20260101-000000", i, 30)
+    return raw
+
+
+def test_builtin_episodes_are_written_like_vpt_and_convert_with_state(builtin_raw, tmp_path):
+    stem = "builtin-000000000001-20260101-000000"
+    lines = pd.read_jsonl(builtin_raw / f"{stem}.jsonl")
+    assert len(lines) == 30
+    for key in ["mouse", "keyboard", "isGuiOpen", "isGuiInventory", "hotbar", "yaw", "pitch",
+                "xpos", "ypos", "zpos", "tick", "milli"]:
+        assert key in lines[0]
+    capture = cv2.VideoCapture(str(builtin_raw / f"{stem}.mp4"))
+    assert (capture.get(cv2.CAP_PROP_FRAME_WIDTH), capture.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (640, 360)
+    converted, problems = pd.convert_folder(str(builtin_raw), str(tmp_path), 64, "builtin")
+    assert converted == 3 and not problems
+    index, episodes = pd.load_dataset(str(tmp_path))
+    assert index["action_columns"] == pd.ACTION_COLUMNS and index["resolution"] == 64
+    assert {e["split"] for e in episodes} == {"train", "val"}
+    episode = episodes[1]
+    assert isinstance(episode["frames"], np.memmap) and episode["frames"].dtype == np.uint8
+    assert episode["frames"].shape == (30, 64, 64, 3) and episode["actions"].dtype == np.float32
+    # state on line i is before action i: the next line's yaw = this yaw + this camera_yaw
+    yaw, turn = episode["state"][:, 0], episode["actions"][:, C["camera_yaw"]]
+    np.testing.assert_allclose(yaw[1:], yaw[:-1] + turn[:-1], atol=1e-3)
+
+
+def test_world_physics_walk_turn_and_gravity():
+    world = pd.World(3)
+    start, yaw = world.pos.copy(), world.yaw
+    world.step(pd.PlayerInput(dx=600))                     # 600 units = 90 degrees right
+    assert world.yaw == pytest.approx(yaw + 90)
+    world.pitch = 0
+    world.step(pd.PlayerInput(dy=10_000))
+    assert world.pitch == 90                               # clamped
+    world.pos[1] += 3                                      # lift the player: gravity pulls back
+    for _ in range(40):
+        world.step(pd.PlayerInput())
+    assert world.pos[1] == world.ground_at(world.pos[0], world.pos[2])
+    moved = []
+    for _ in range(20):
+        before = world.pos.copy()
+        world.step(pd.PlayerInput(keys={"key.keyboard.w"}))
+        moved.append(np.linalg.norm((world.pos - before)[[0, 2]]))
+    assert max(moved) == pytest.approx(pd.WALK, rel=1e-6)
+
+
+def test_a_killed_conversion_resumes_and_never_leaves_a_loadable_half_episode(tmp_path):
+    out = tmp_path / "data"
+    cmd = [sys.executable, "prepare_data.py", "--synthetic", "5", "--frames", "60",
+           "--workers", "1", "--out", str(out)]
+    here = os.path.dirname(os.path.abspath(__file__))
+    process = subprocess.Popen(cmd, cwd=here, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(out.glob("episodes/*/meta.json"))) < 2:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)   # the whole job, worker processes too
+    process.wait()
+    time.sleep(0.2)
+    finished = {p.parent.name: p.stat().st_mtime for p in out.glob("episodes/*/meta.json")}
+    assert 2 <= len(finished) < 5, "the run should be killed part way"
+    # Whatever the kill left behind, nothing half-written is visible as an episode
+    pd.write_index(str(out), 64, "builtin", 0.1)
+    _, episodes = pd.load_dataset(str(out))
+    assert {e["name"] for e in episodes} == set(finished)
+    subprocess.run(cmd, cwd=here, check=True, capture_output=True)
+    _, episodes = pd.load_dataset(str(out))
+    assert len(episodes) == 5 and all(len(e["frames"]) == 60 for e in episodes)
+    for name, mtime in finished.items():   # finished episodes were skipped, not redone
+        assert (out / "episodes" / name / "meta.json").stat().st_mtime == mtime
+
+
+# -----------------------------------------------------------------------------
+# Downloading from a server on 127.0.0.1
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file server that honours 'Range: bytes=N-' (Python's own does not)."""
+    ranges = []
+
+    def log_message(self, *args):
+        pass
+
+    def send_head(self):
+        header = self.headers.get("Range")
+        path = self.translate_path(self.path)
+        if not header or not os.path.isfile(path):
+            return super().send_head()
+        start = int(header.split("=")[1].split("-")[0])
+        RangeHandler.ranges.append((os.path.basename(path), start))
+        f = open(path, "rb")
+        size = os.fstat(f.fileno()).st_size
+        f.seek(start)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+        self.send_header("Content-Length", str(size - start))
+        self.end_headers()
+        return f
+
+
+@pytest.fixture
+def loopback_server(builtin_raw, tmp_path):
+    """Serves built-in-world episodes under data/6.13/ plus an index, on 127.0.0.1."""
+    root = tmp_path / "www"
+    (root / "data" / "6.13").mkdir(parents=True)
+    stems = sorted(p.stem for p in builtin_raw.glob("*.mp4"))
+    for stem in stems:
+        for ext in (".mp4", ".jsonl"):
+            shutil.copy(builtin_raw / (stem + ext), root / "data" / "6.13" / (stem + ext))
+    handler = lambda *a, **k: RangeHandler(*a, directory=str(root), **k)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    relpaths = ["data/6.13/missing-00000000000f-20220101-000000.mp4"] + [f"data/6.13/{s}.mp4" for s in stems]
+    (root / "index.json").write_text(json.dumps({"basedir": base, "relpaths": relpaths}))
+    RangeHandler.ranges = []
+    yield base, root, stems
+    server.shutdown()
+
+
+def test_download_skips_missing_files_resumes_a_partial_file_and_converts(loopback_server, tmp_path):
+    base, root, stems = loopback_server
+    out = tmp_path / "data"
+    raw = out / "raw"
+    raw.mkdir(parents=True)
+    original = (root / "data" / "6.13" / f"{stems[0]}.mp4").read_bytes()
+    (raw / f"{stems[0]}.mp4.part").write_bytes(original[:1000])        # an interrupted download
+    pd.main(["--download", base + "index.json", "--n", "2", "--out", str(out)])
+    assert (raw / f"{stems[0]}.mp4").read_bytes() == original
+    assert (f"{stems[0]}.mp4", 1000) in RangeHandler.ranges             # resumed, not restarted
+    assert not (raw / f"{stems[2]}.mp4").exists()                       # only n episodes
+    _, episodes = pd.load_dataset(str(out))
+    assert sorted(e["name"] for e in episodes) == stems[:2]
+
+
+def test_download_refuses_unsafe_relpaths_and_plain_http_to_other_hosts(tmp_path):
+    for bad in ["/etc/passwd.mp4", "data/../../x.mp4", "http://evil/x.mp4"]:
+        index = tmp_path / "index.json"
+        index.write_text(json.dumps({"basedir": "https://example.org/", "relpaths": [bad]}))
+        with pytest.raises(pd.DownloadError, match="unsafe"):
+            pd.read_index(str(index))
+    with pytest.raises(pd.DownloadError, match="only https"):
+        pd.download_file("http://example.org/a.mp4", str(tmp_path / "a.mp4"))
