@@ -337,3 +337,203 @@ def test_download_refuses_unsafe_relpaths_and_plain_http_to_other_hosts(tmp_path
             pd.read_index(str(index))
     with pytest.raises(pd.DownloadError, match="only https"):
         pd.download_file("http://example.org/a.mp4", str(tmp_path / "a.mp4"))
+
+
+# -----------------------------------------------------------------------------
+# The world model (iwm.py)
+
+import torch  # noqa: E402  (kept here so the data tests above read without it)
+
+import iwm  # noqa: E402
+
+A = len(pd.ACTION_COLUMNS)
+
+
+def small_config(**overrides):
+    """A model small enough to train in a second on CPU."""
+    fields = dict(size="tiny", image_size=32, patch_size=8, width=32, heads=2, encoder_depth=1,
+                  conditioner_depth=1, predictor_depth=1, frame_skip=2, rollout=2, batch_size=4,
+                  steps=6, warmup_steps=2, eval_every=3, eval_windows=8, eval_horizon=4,
+                  ckpt_every=3, dtype="float32", device="cpu")
+    return iwm.Config(**{**fields, **overrides})
+
+
+def randomize_head(model):
+    """The predictor's head starts at zero (predict "no change"); give it weights so that
+    its output depends on its input."""
+    torch.nn.init.normal_(model.predictor.head.weight, std=0.1)
+
+
+def test_shapes_through_every_module():
+    cfg = small_config()
+    model = iwm.WorldModel(cfg)
+    B, N, D, K = 3, (32 // 8) ** 2, cfg.width, cfg.action_window
+    frames = torch.randint(0, 256, (B, 3, 64, 64, 3), dtype=torch.uint8)
+    actions = torch.randn(B, 2, K, A)
+    assert iwm.normalize_frames(frames, 32).shape == (B, 3, 3, 32, 32)
+    latents = model.encode(frames)
+    assert latents.shape == (B, 3, N, D)
+    assert model.encode_target(frames).shape == (B, 3, N, D)
+    conditioned = model.action_conditioner(latents[:, 0], actions[:, 0])
+    assert conditioned.shape == (B, N, D)
+    assert model.predictor(conditioned, latents[:, 0]).shape == (B, N, D)
+    assert model.rollout(latents[:, 0], actions).shape == (B, 2, N, D)
+    assert model(frames, actions).shape == ()
+
+
+def test_base_preset_matches_the_original_parameter_counts_within_5_percent():
+    cfg = iwm.Config(**{**iwm.PRESETS["base"], "size": "base"})
+    with torch.device("meta"):                 # no memory is allocated for 370M parameters
+        model = iwm.WorldModel(cfg)
+    counts = iwm.count_parameters(model)
+    for part, original in [("encoder", 114e6), ("action_conditioner", 43e6), ("predictor", 213e6)]:
+        assert abs(counts[part] - original) / original < 0.05, (part, counts[part])
+
+
+def test_the_order_of_the_25_actions_matters():
+    torch.manual_seed(0)
+    model = iwm.WorldModel(small_config())
+    randomize_head(model)
+    latent = torch.randn(2, 16, 32)
+    actions = torch.rand(2, 25, A)
+    permuted = actions[:, torch.randperm(25)]
+    assert not torch.allclose(model.action_conditioner(latent, actions),
+                              model.action_conditioner(latent, permuted), atol=1e-5)
+    assert not torch.allclose(model.predict_next(latent, actions), model.predict_next(latent, permuted), atol=1e-5)
+
+
+def test_target_encoder_gets_no_gradient_and_follows_the_ema_formula():
+    torch.manual_seed(0)
+    model = iwm.WorldModel(small_config())
+    model.train()
+    assert not model.target_encoder.training          # always eval mode
+    frames = torch.randint(0, 256, (2, 3, 32, 32, 3), dtype=torch.uint8)
+    model(frames, torch.rand(2, 2, 25, A)).backward()
+    assert all(p.grad is None for p in model.target_encoder.parameters())
+    assert any(p.grad is not None for p in model.encoder.parameters())
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in model.target_encoder.parameters()]
+    model.update_target(0.9)
+    for old, new, online in zip(before, model.target_encoder.parameters(), model.encoder.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * online)
+    cfg = small_config(steps=100)
+    assert iwm.ema_momentum(0, cfg) == 0.996 and iwm.ema_momentum(100, cfg) == 1.0
+    assert iwm.ema_momentum(50, cfg) == pytest.approx(0.998)
+
+
+def test_loss_is_per_token_and_reduces_over_features():
+    target = torch.randn(2, 5, 8)
+    predicted = target.clone()
+    predicted[1, 3] += 2.0                              # one token wrong by 2 in every feature
+    per_token = iwm.jepa_loss(predicted, target)
+    assert per_token.shape == (2, 5)
+    expected = torch.zeros(2, 5)
+    expected[1, 3] = 4.0
+    torch.testing.assert_close(per_token, expected)
+
+
+def test_action_window_pads_the_episode_start_and_never_wraps():
+    actions = np.arange(1, 11, dtype=np.float32)[:, None].repeat(A, axis=1)   # rows 1..10
+    window = iwm.action_window(actions, end=3, window=25)
+    assert window.shape == (25, A)
+    assert (window[:22] == 0).all()                     # "no action" before the start
+    assert window[22:, 0].tolist() == [1, 2, 3]         # the last row is the action before frame 3
+    assert 10 not in window                             # nothing from the episode's end
+    assert iwm.action_window(actions, end=10, window=4)[:, 0].tolist() == [7, 8, 9, 10]
+
+
+def test_camera_scaling_keeps_small_and_large_moves_order_one():
+    actions = torch.zeros(3, A)
+    actions[:, pd.COLUMN["camera_yaw"]] = torch.tensor([0.15, 5.0, 90.0])
+    actions[:, pd.COLUMN["forward"]] = 1
+    scaled = iwm.scale_actions(actions)
+    yaw = scaled[:, pd.COLUMN["camera_yaw"]]
+    assert 0.05 < yaw[0] < 0.1 and 1 < yaw[1] < 2 and 4 < yaw[2] < 5
+    assert (scaled[:, pd.COLUMN["forward"]] == 1).all()
+
+
+def test_a_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    cfg = small_config(width=64, heads=4)
+    model = iwm.WorldModel(cfg)
+    frames = torch.randint(0, 256, (4, 3, 32, 32, 3), dtype=torch.uint8)
+    actions = torch.rand(4, 2, 25, A)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss = model(frames, actions)       # the target encoder stays fixed (momentum 1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.05 * losses[0], (losses[0], losses[-1])
+
+
+@pytest.fixture(scope="module")
+def builtin_dataset(builtin_raw, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dataset")
+    pd.convert_folder(str(builtin_raw), str(out), 64, "builtin")
+    return str(out)
+
+
+def test_training_logs_metrics_and_a_run_interrupted_by_ctrl_c_resumes_exactly(builtin_dataset, tmp_path):
+    straight = small_config(data=builtin_dataset, out_dir=str(tmp_path / "a"))
+    metrics = iwm.train(straight)
+    assert len(metrics["pred_copy"]) == 4 and metrics["action_sensitivity"] > 0 and metrics["target_std"] > 0
+    log = [json.loads(l) for l in open(tmp_path / "a" / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and "pred_copy" in log[2]
+    # Ctrl-C during step 4 of run b: the step finishes, the run saves and exits
+    original_sample, calls = iwm.WindowSampler.sample, []
+
+    def sample_then_interrupt(self, *args):
+        calls.append(1)
+        if len(calls) == 5:          # call 1 samples the validation windows, call 5 is step 4
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_sample(self, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(iwm.WindowSampler, "sample", sample_then_interrupt)
+        with pytest.raises(SystemExit):
+            iwm.train(small_config(data=builtin_dataset, out_dir=str(tmp_path / "b")))
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 4
+    iwm.train(small_config(data=builtin_dataset, out_dir=str(tmp_path / "b"), resume=True))
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key   # target encoder included
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(builtin_dataset, tmp_path, monkeypatch):
+    cfg = small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=3)
+    iwm.train(cfg)
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(iwm, "jepa_loss", lambda p, t: (p - t).mean(-1) * float("nan"))
+    with pytest.raises(FloatingPointError, match="last good state"):
+        iwm.train(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=6, resume=True))
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+def test_a_corrupt_or_mismatched_checkpoint_gives_a_clear_error(builtin_dataset, tmp_path):
+    iwm.train(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=3))
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(iwm.CheckpointError, match="different model.*width: checkpoint 32 vs requested 64"):
+        iwm.resolve_config({"out_dir": str(tmp_path), "resume": True, "width": 64})
+    model = iwm.WorldModel(small_config(width=64, heads=2))
+    with pytest.raises(iwm.CheckpointError, match="does not fit this model"):
+        iwm.load_model_state(model, iwm.load_checkpoint(str(path)), str(path))
+    path.write_bytes(path.read_bytes()[:5000])          # truncated, as by a full disk
+    with pytest.raises(iwm.CheckpointError, match="cannot be read as a checkpoint"):
+        iwm.load_checkpoint(str(path))
+    with pytest.raises(iwm.CheckpointError, match="no checkpoint there"):
+        iwm.load_checkpoint(str(tmp_path / "nothing.pt"))
+
+
+def test_flags_override_the_preset_and_resume_keeps_the_checkpoint_config(builtin_dataset, tmp_path):
+    cfg = iwm.parse_config(["--size", "small", "--steps", "7", "--lr", "0.01"])
+    assert (cfg.width, cfg.steps, cfg.lr) == (256, 7, 0.01)
+    iwm.train(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=3))
+    resumed = iwm.parse_config(["--out_dir", str(tmp_path), "--resume", "--steps", "9"])
+    assert (resumed.width, resumed.steps, resumed.data) == (32, 9, builtin_dataset)

@@ -1,0 +1,721 @@
+"""
+iwm.py: an action-conditioned JEPA image world model for Minecraft-style video, in one file.
+
+What it is. A world model answers "if I press these keys and move the mouse like this, what
+will I see next?". This one answers in latent space (a JEPA):
+
+    frame t --encoder--> tokens z_t --action_conditioner(last 25 actions)--> --predictor--> z_t+1
+    frame t+1 --target_encoder (EMA copy of the encoder)--> target tokens; loss = MSE per token
+
+and feeds its own predictions back for a few steps (a short open-loop rollout) so long
+rollouts do not drift.
+
+Notable choices (each fixes a fault of the system we reproduce, see shared/docs/design.md):
+  - every one of the 25 action tokens has its own temporal position (not an unordered bag)
+  - the target encoder is an EMA copy in eval mode, momentum 0.996 -> 1.0, saved in checkpoints
+  - latents are layer-normalised over the feature axis (no affine) and the loss is per token
+  - pixels are normalised to [-1, 1] on the device; actions are scaled in one place (scale_actions)
+  - the predictor predicts a change to the current latent (starts as "copy the last latent")
+  - mixed precision, gradient clipping, no weight decay on norms, biases and positions
+  - every eval reports pred/copy per horizon, action sensitivity and the collapse watch
+
+Shape legend: B batch, S frames in a window (rollout + 1), R rollout steps, N tokens per frame,
+D width, K action window (25), A action columns, H/W pixels, p patch size.
+
+Commands:
+    python prepare_data.py --synthetic 64       # the built-in world's quickstart dataset
+    python iwm.py --steps 3000                  # train (tiny preset on CPU, base on a GPU)
+    python iwm.py --steps 6000 --resume         # continue the run in --out_dir
+    python iwm.py --help                        # every flag, generated from Config below
+
+Reading order: config -> helpers -> attention and blocks -> encoder -> action conditioner ->
+predictor -> world model, loss and EMA -> data -> evaluation -> checkpoints -> training -> main.
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from prepare_data import ACTION_COLUMNS, load_dataset
+
+# -----------------------------------------------------------------------------
+# Config: one dataclass, every field a flag (--steps 3000 --size tiny)
+
+
+@dataclass
+class Config:
+    # --- model (a --size preset sets these; flags override) ---
+    size: str = "auto"               # tiny | small | base; auto: base on a CUDA GPU, tiny on CPU
+    image_size: int = 64             # pixels (square); frames of another size are resized on the device
+    patch_size: int = 8              # pixels per patch side; N = (image_size / patch_size)^2 tokens
+    width: int = 128                 # D, token width of every part
+    heads: int = 4                   # attention heads
+    encoder_depth: int = 4           # transformer blocks in the encoder
+    encoder_mlp_ratio: float = 4.0   # MLP hidden width / D
+    conditioner_depth: int = 2       # cross-attention blocks: frame tokens attend to action tokens
+    conditioner_mlp_ratio: float = 4.0
+    predictor_depth: int = 4         # transformer blocks in the predictor
+    predictor_mlp_ratio: float = 4.0
+    # --- data ---
+    data: str = "data/builtin"       # a dataset folder made by prepare_data.py
+    frame_skip: int = 4              # raw frames per model step (VPT is 20 fps: 4 -> 0.2 s)
+    action_window: int = 25          # K: per-frame actions the conditioner sees for one step
+    # --- training ---
+    steps: int = 3000                # optimizer steps in total (--resume continues up to this)
+    batch_size: int = 32             # windows per micro-batch
+    grad_accum: int = 1              # micro-batches per optimizer step
+    rollout: int = 2                 # R: open-loop prediction steps in the loss (V-JEPA 2-AC uses 2+)
+    lr: float = 1e-3                 # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1        # the cosine schedule ends at lr * this
+    warmup_steps: int = 200          # linear warmup from 0 to lr
+    weight_decay: float = 0.05       # on weight matrices only
+    grad_clip: float = 1.0           # max global gradient norm
+    ema_start: float = 0.996         # target encoder momentum at step 0 (I-JEPA)
+    ema_end: float = 1.0             # ... rising linearly to this at the last step
+    dtype: str = "auto"              # float32 | bfloat16 | float16 (autocast); auto: see choose_dtype
+    device: str = "auto"             # cpu | cuda | auto
+    seed: int = 0
+    # --- evaluation, logging, checkpoints ---
+    eval_every: int = 500            # steps between validation lines
+    eval_windows: int = 256          # validation windows (from validation episodes only)
+    eval_horizon: int = 8            # pred/copy is reported for h = 1..this
+    ckpt_every: int = 500            # steps between checkpoints
+    out_dir: str = "runs/iwm"        # checkpoint, log and resolved config go here
+    resume: bool = False             # continue from <out_dir>/ckpt.pt
+
+
+# Presets: the model fields of Config. `base` matches the original system's parameter counts
+# (encoder ~114M, action conditioner ~43M, predictor ~213M) within 5%; see test_iwm.py.
+PRESETS = {
+    # learns the built-in world on a 2-core CPU in minutes (the quickstart)
+    "tiny": dict(image_size=64, patch_size=8, width=128, heads=4, encoder_depth=4,
+                 conditioner_depth=2, predictor_depth=4, batch_size=32, grad_accum=1, lr=1e-3),
+    "small": dict(image_size=64, patch_size=8, width=256, heads=8, encoder_depth=6,
+                  conditioner_depth=3, predictor_depth=6, batch_size=32, grad_accum=1, lr=6e-4),
+    # the original's shapes: 224 px, patch 16 (196 tokens), width 768, 12 heads, encoder 16 blocks.
+    # The original's conditioner had 16 cross-attention layers without MLPs; ours has MLPs, so
+    # 6 blocks give the same ~43M. Its predictor had 12 blocks with MLP x12 (~198M by our count
+    # of its description, short of its reported 213M): MLP x13 lands on 213M.
+    "base": dict(image_size=224, patch_size=16, width=768, heads=12, encoder_depth=16,
+                 conditioner_depth=6, predictor_depth=12, predictor_mlp_ratio=13.0,
+                 batch_size=8, grad_accum=4, lr=3e-4),
+}
+MODEL_FIELDS = ["image_size", "patch_size", "width", "heads", "encoder_depth", "encoder_mlp_ratio",
+                "conditioner_depth", "conditioner_mlp_ratio", "predictor_depth", "predictor_mlp_ratio"]
+
+# -----------------------------------------------------------------------------
+# Small helpers
+
+CAMERA_COLUMNS = [ACTION_COLUMNS.index("camera_pitch"), ACTION_COLUMNS.index("camera_yaw")]
+
+
+def scale_actions(actions):
+    """The one place where recorded actions become network inputs. Keys and buttons are 0/1
+    already. The camera is in degrees per frame: 0.15 for the smallest mouse nudge, up to ~90
+    for a flick. asinh(deg / 2) is linear below ~2 degrees and logarithmic above, so both stay
+    O(1) and small moves are not drowned by large ones."""
+    scaled = actions.clone()
+    scaled[..., CAMERA_COLUMNS] = torch.asinh(actions[..., CAMERA_COLUMNS] / 2.0)
+    return scaled
+
+
+def normalize_frames(frames, image_size):
+    """uint8 RGB (..., H, W, 3) -> float (..., 3, image_size, image_size) in [-1, 1], on the device."""
+    lead = frames.shape[:-3]
+    x = frames.reshape(-1, *frames.shape[-3:]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if x.shape[-1] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
+    return x.reshape(*lead, 3, image_size, image_size)
+
+
+def sincos_positions_2d(grid, dim):
+    """Fixed 2-D sin-cos position embedding (MAE / I-JEPA): (grid*grid, dim). Half of the
+    channels encode the row, half the column, each at dim/4 geometrically spaced frequencies."""
+    assert dim % 4 == 0, "width must be divisible by 4 for 2-D sin-cos positions"
+    frequencies = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def encode(position):
+        angles = position.flatten()[:, None].float() * frequencies[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1)
+
+
+# -----------------------------------------------------------------------------
+# Attention and transformer blocks
+
+
+class Attention(nn.Module):
+    """Multi-head attention. Self-attention when context is None, else x attends to context."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
+        self.heads = heads
+        self.query = nn.Linear(dim, dim)
+        self.key_value = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        B, N, D = x.shape
+        M = context.shape[1]
+        q = self.query(x).view(B, N, self.heads, D // self.heads).transpose(1, 2)        # (B, h, N, D/h)
+        k, v = self.key_value(context).view(B, M, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        # Fast fused kernel; the readable equivalent is softmax(q @ k^T / sqrt(D/h)) @ v.
+        x = F.scaled_dot_product_attention(q, k, v)                                     # (B, h, N, D/h)
+        return self.out(x.transpose(1, 2).reshape(B, N, D))                             # (B, N, D)
+
+
+class MLP(nn.Sequential):
+    def __init__(self, dim, ratio):
+        hidden = int(dim * ratio)
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. With cross=True the attention reads a context sequence
+    (the action tokens) instead of x itself."""
+
+    def __init__(self, dim, heads, mlp_ratio, cross=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm_context = nn.LayerNorm(dim) if cross else None
+        self.attention = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_ratio)
+
+    def forward(self, x, context=None):
+        context = None if self.norm_context is None else self.norm_context(context)
+        x = x + self.attention(self.norm1(x), context)
+        return x + self.mlp(self.norm2(x))
+
+
+# -----------------------------------------------------------------------------
+# Encoder: one frame -> latent tokens
+
+
+class Encoder(nn.Module):
+    """ViT: patchify, add fixed 2-D positions, pre-norm blocks, final layer norm without affine.
+
+    The final norm has no learnable scale or shift, so its output lives in the same space as the
+    training target (the target encoder's output is normalised the same way, as in I-JEPA); the
+    predictor's outputs can then be fed back in as inputs during rollouts."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        grid = cfg.image_size // cfg.patch_size
+        self.register_buffer("positions", sincos_positions_2d(grid, cfg.width), persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.encoder_mlp_ratio)
+                                    for _ in range(cfg.encoder_depth))
+        self.norm = nn.LayerNorm(cfg.width, elementwise_affine=False)
+
+    def forward(self, images):                                  # (B, 3, H, W) in [-1, 1]
+        x = self.patch_embed(images)                            # (B, D, H/p, W/p)
+        x = x.flatten(2).transpose(1, 2) + self.positions       # (B, N, D)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)                                     # (B, N, D)
+
+
+# -----------------------------------------------------------------------------
+# Action conditioner: frame tokens cross-attend to the last K per-frame actions
+
+
+class ActionConditioner(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.action_embed = nn.Sequential(nn.Linear(len(ACTION_COLUMNS), cfg.width), nn.GELU(),
+                                          nn.Linear(cfg.width, cfg.width))
+        # One learned embedding per slot of the window: slot K-1 is the most recent action.
+        # (The original gave all 25 the same one, so it saw an unordered bag of actions.)
+        self.action_positions = nn.Parameter(torch.randn(cfg.action_window, cfg.width) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.conditioner_mlp_ratio, cross=True)
+                                    for _ in range(cfg.conditioner_depth))
+
+    def forward(self, tokens, actions):                        # (B, N, D), (B, K, A) raw actions
+        a = self.action_embed(scale_actions(actions))          # (B, K, D)
+        a = a + self.action_positions                          # (B, K, D)
+        for block in self.blocks:
+            tokens = block(tokens, a)                          # (B, N, D)
+        return tokens
+
+
+# -----------------------------------------------------------------------------
+# Predictor: conditioned tokens -> the tokens of the next model step
+
+
+class Predictor(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        grid = cfg.image_size // cfg.patch_size
+        self.register_buffer("positions", sincos_positions_2d(grid, cfg.width), persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.predictor_mlp_ratio)
+                                    for _ in range(cfg.predictor_depth))
+        self.norm = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, cfg.width)
+        # Zero-initialised head: the untrained predictor says "nothing changes" (copy the
+        # latent), the baseline every result is compared with, and learns the change from there.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, conditioned, latent):                    # (B, N, D), (B, N, D)
+        x = conditioned + self.positions                       # (B, N, D)
+        for block in self.blocks:
+            x = block(x)
+        return latent + self.head(self.norm(x))                # (B, N, D)
+
+
+# -----------------------------------------------------------------------------
+# The world model: the four parts, the JEPA loss and the EMA update
+
+
+def jepa_loss(predicted, target):
+    """Per-token squared error averaged over the feature axis -> (B, N).
+
+    Reduced over features (D), never over tokens: every token is its own prediction. (The
+    original took a norm over the patch axis.) MSE rather than smooth-L1 because pred/copy,
+    the number we judge the model by, is a ratio of mean squared errors: the loss optimises
+    exactly what is reported. The targets are layer-normalised, so errors are O(1)."""
+    return (predicted.float() - target.float()).pow(2).mean(dim=-1)
+
+
+class WorldModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.action_conditioner = ActionConditioner(cfg)
+        self.predictor = Predictor(cfg)
+        self.target_encoder = copy.deepcopy(self.encoder)      # EMA copy, never trained directly
+        self.target_encoder.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.target_encoder.eval()   # important! the target is always in eval mode
+        return self
+
+    def encode(self, frames):                                  # (B, S, H, W, 3) uint8
+        """Online-encoder latents of each frame."""
+        B, S = frames.shape[:2]
+        x = normalize_frames(frames, self.cfg.image_size)       # (B, S, 3, H, W)
+        return self.encoder(x.flatten(0, 1)).unflatten(0, (B, S))   # (B, S, N, D)
+
+    @torch.no_grad()
+    def encode_target(self, frames):                           # (B, S, H, W, 3) uint8
+        B, S = frames.shape[:2]
+        x = normalize_frames(frames, self.cfg.image_size)
+        return self.target_encoder(x.flatten(0, 1)).unflatten(0, (B, S))   # (B, S, N, D)
+
+    def predict_next(self, latent, actions):                   # (B, N, D), (B, K, A)
+        """One model step: the latent of the frame frame_skip frames later."""
+        return self.predictor(self.action_conditioner(latent, actions), latent)   # (B, N, D)
+
+    def rollout(self, latent, actions):                        # (B, N, D), (B, R, K, A)
+        """Open loop: feed each prediction back in. Returns (B, R, N, D)."""
+        predictions = []
+        for step in range(actions.shape[1]):
+            latent = self.predict_next(latent, actions[:, step])
+            predictions.append(latent)
+        return torch.stack(predictions, dim=1)
+
+    def forward(self, frames, actions):                        # (B, R+1, H, W, 3), (B, R, K, A)
+        """Training loss: teacher-forced first step plus R-1 steps on its own predictions."""
+        assert frames.shape[1] == actions.shape[1] + 1, "need one more frame than action windows"
+        # Step 1: targets from the EMA encoder (no gradient, eval mode)
+        targets = self.encode_target(frames[:, 1:])                      # (B, R, N, D)
+        # Step 2: encode the start frame, roll out R steps, compare every step
+        latent = self.encode(frames[:, :1])[:, 0]                        # (B, N, D)
+        predictions = self.rollout(latent, actions)                      # (B, R, N, D)
+        return jepa_loss(predictions, targets).mean()
+
+    @torch.no_grad()
+    def update_target(self, momentum):
+        """Step 3: target <- momentum * target + (1 - momentum) * encoder."""
+        for target, online in zip(self.target_encoder.parameters(), self.encoder.parameters()):
+            target.lerp_(online, 1.0 - momentum)
+
+
+def ema_momentum(step, cfg):
+    """Linear ramp ema_start -> ema_end over training (I-JEPA): the target changes ever slower."""
+    return cfg.ema_start + (cfg.ema_end - cfg.ema_start) * min(step / max(cfg.steps, 1), 1.0)
+
+
+def learning_rate(step, cfg):
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min((step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1), 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def count_parameters(model):
+    """Trainable parameters per part (the target encoder is a copy, listed separately)."""
+    parts = ["encoder", "action_conditioner", "predictor"]
+    counts = {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in parts}
+    counts["target_encoder (EMA copy)"] = sum(p.numel() for p in model.target_encoder.parameters())
+    return counts
+
+
+# -----------------------------------------------------------------------------
+# Data: memory-mapped windows of frames and action windows from a prepared dataset
+
+
+def action_window(actions, end, window):
+    """The `window` per-frame actions ending with the last one taken before frame `end`
+    (rows end-window .. end-1). Rows before the episode start are "no action" rows (zeros),
+    never wrapped around to the episode's end as in the original."""
+    start = end - window
+    rows = np.zeros((window, actions.shape[1]), np.float32)
+    rows[max(0, -start):] = actions[max(start, 0):end]
+    return rows
+
+
+class WindowSampler:
+    """Uniformly random windows of `steps` + 1 frames, frame_skip apart, and for each step
+    the action window of that transition (design.md, "Time")."""
+
+    def __init__(self, episodes, steps, cfg):
+        span = steps * cfg.frame_skip
+        self.episodes = [e for e in episodes if len(e["frames"]) > span]
+        if not self.episodes:
+            raise ValueError(f"no episode is longer than {span} frames ({steps} steps of "
+                             f"frame_skip {cfg.frame_skip}): record longer episodes")
+        self.steps, self.frame_skip, self.window = steps, cfg.frame_skip, cfg.action_window
+        starts_per_episode = torch.tensor([len(e["frames"]) - span for e in self.episodes])
+        self.first_start = torch.cumsum(starts_per_episode, 0) - starts_per_episode
+        self.total = int(starts_per_episode.sum())
+
+    def window_at(self, episode, start):
+        """Frames (S, H, W, 3) uint8 and action windows (steps, K, A) of one window."""
+        frame_numbers = start + self.frame_skip * np.arange(self.steps + 1)
+        frames = np.asarray(episode["frames"][frame_numbers])   # reads just these frames
+        actions = np.stack([action_window(episode["actions"], start + (k + 1) * self.frame_skip, self.window)
+                            for k in range(self.steps)])
+        return frames, actions
+
+    def sample(self, batch_size, generator):
+        flat = torch.randint(self.total, (batch_size,), generator=generator)
+        which = torch.searchsorted(self.first_start, flat, right=True) - 1
+        windows = [self.window_at(self.episodes[e], int(f - self.first_start[e]))
+                   for e, f in zip(which.tolist(), flat)]
+        frames = torch.from_numpy(np.stack([w[0] for w in windows]))     # (B, S, H, W, 3)
+        actions = torch.from_numpy(np.stack([w[1] for w in windows]))    # (B, S-1, K, A)
+        return frames, actions
+
+
+def open_dataset(cfg):
+    """Load the dataset index and check it fits this model. Returns (train, val) episodes."""
+    index, episodes = load_dataset(cfg.data)
+    if index["action_columns"] != ACTION_COLUMNS:
+        raise ValueError(f"{cfg.data}: its action columns differ from this code's; "
+                         "re-run prepare_data.py to convert it again")
+    train = [e for e in episodes if e["split"] == "train"]
+    val = [e for e in episodes if e["split"] == "val"]
+    if not train or not val:
+        raise ValueError(f"{cfg.data}: needs both train and validation episodes "
+                         f"(has {len(train)} and {len(val)}); add more episodes")
+    return index, train, val
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: the numbers every file reports the same way (design.md, "What works means")
+
+
+@torch.no_grad()
+def evaluate(model, frames, actions, device, autocast, chunk=64):
+    """On fixed validation windows: val loss, pred/copy for h = 1..H, action sensitivity
+    (error with actions shuffled across windows / with the true ones) and target std."""
+    was_training = model.training
+    model.eval()
+    horizon = actions.shape[1]
+    predicted_error, copy_error, shuffled_error = torch.zeros(3, horizon)
+    target_std = []
+    for i in range(0, len(frames), chunk):
+        f, a = frames[i:i + chunk].to(device), actions[i:i + chunk].to(device)
+        with autocast:
+            targets = model.encode_target(f).float()                        # (b, H+1, N, D)
+            latent = model.encode(f[:, :1])[:, 0]                           # (b, N, D)
+            predicted = model.rollout(latent, a).float()                    # (b, H, N, D)
+            shuffled = model.rollout(latent, a.roll(1, dims=0)).float()     # another window's actions
+        future = targets[:, 1:]
+        predicted_error += jepa_loss(predicted, future).mean(-1).sum(0).cpu()
+        copy_error += jepa_loss(targets[:, :1], future).mean(-1).sum(0).cpu()   # "nothing changes"
+        shuffled_error += jepa_loss(shuffled, future).mean(-1).sum(0).cpu()
+        target_std.append(targets[:, 0].std(dim=0).mean().item())           # across the batch
+    model.train(was_training)
+    n = len(frames)
+    return {"val_loss": (predicted_error[:model.cfg.rollout].sum() / n / model.cfg.rollout).item(),
+            "pred_copy": (predicted_error / copy_error).tolist(),
+            "action_sensitivity": (shuffled_error.sum() / predicted_error.sum()).item(),
+            "target_std": float(np.mean(target_std))}
+
+
+def format_eval(step, metrics):
+    ratios = " ".join(f"{r:.2f}" for r in metrics["pred_copy"])
+    return (f"step {step}: val loss {metrics['val_loss']:.4f} | pred/copy h=1..{len(metrics['pred_copy'])}: "
+            f"{ratios} | action sensitivity {metrics['action_sensitivity']:.2f} | "
+            f"target std {metrics['target_std']:.3f}")
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: one self-describing file, written atomically, loadable with weights_only=True
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def save_checkpoint(path, model, optimizer, scaler, step, cfg, generator):
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
+             "rng": {"torch": torch.get_rng_state(), "sampler": generator.get_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)      # a crash while saving never touches the last good checkpoint
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no checkpoint there (train without --resume first, "
+                              "or point --out_dir at the run folder)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {e}); "
+                              "it is truncated or not a checkpoint of this project") from None
+    missing = {"model", "config", "step"} - set(state) if isinstance(state, dict) else {"everything"}
+    if missing:
+        raise CheckpointError(f"{path} is not an iwm.py checkpoint (missing {sorted(missing)})")
+    return state
+
+
+def check_same_model(saved, cfg, path):
+    """A checkpoint only loads into a model of the same shape: say which fields differ."""
+    differ = {k: (saved.get(k), getattr(cfg, k)) for k in MODEL_FIELDS if saved.get(k) != getattr(cfg, k)}
+    if differ:
+        listing = ", ".join(f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in differ.items())
+        raise CheckpointError(f"{path} holds a different model ({listing}); drop those flags or "
+                              "use another --out_dir")
+
+
+def load_model_state(model, state, path):
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit this model: {str(e).splitlines()[0]}") from None
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def choose_device(cfg):
+    if cfg.device != "auto":
+        return cfg.device, "as asked"
+    if torch.cuda.is_available():
+        return "cuda", f"found {torch.cuda.get_device_name()}"
+    return "cpu", "no CUDA GPU found"
+
+
+def choose_dtype(cfg, device):
+    """Autocast dtype. On a GPU: bf16 where supported (Ampere and later, e.g. the RTX 3060),
+    else fp16 with a gradient scaler. On a CPU: bf16 only if it measurably speeds up matmuls
+    here (it does on CPUs with AVX512-BF16 or AMX, and slows down others)."""
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype), "as asked"
+    if device == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "this GPU supports bf16"
+        return torch.float16, "this GPU lacks bf16; fp16 with a gradient scaler"
+    speedup = cpu_bf16_speedup()
+    if speedup > 1.3:
+        return torch.bfloat16, f"bf16 matmuls measured {speedup:.1f}x faster than fp32 on this CPU"
+    return torch.float32, f"bf16 matmuls measured only {speedup:.1f}x fp32's speed on this CPU"
+
+
+def cpu_bf16_speedup(size=512, repeats=20):
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            a @ b                                   # warm up
+            start = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            seconds[dtype] = time.perf_counter() - start
+    return seconds[torch.float32] / seconds[torch.bfloat16]
+
+
+def parameter_groups(model, weight_decay):
+    """Weight decay on weight matrices only: not on norms, biases or position embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "positions" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(cfg):
+    """Train (or resume) a world model as cfg says. Returns the last evaluation's metrics."""
+    device, device_reason = choose_device(cfg)
+    dtype, dtype_reason = choose_dtype(cfg, device)
+    print(f"device: {device} ({device_reason}); precision: {dtype} ({dtype_reason})")
+    torch.manual_seed(cfg.seed)
+    index, train_episodes, val_episodes = open_dataset(cfg)
+    sampler = WindowSampler(train_episodes, cfg.rollout, cfg)
+    val_frames, val_actions = WindowSampler(val_episodes, cfg.eval_horizon, cfg).sample(
+        cfg.eval_windows, torch.Generator().manual_seed(1234))    # the same windows every time
+    print(f"data: {cfg.data}: {len(train_episodes)} train / {len(val_episodes)} val episodes, "
+          f"{index['resolution']}px" + (f" (resized to {cfg.image_size} on the device)"
+                                        if index["resolution"] != cfg.image_size else ""))
+
+    model = WorldModel(cfg).to(device)
+    for part, n in count_parameters(model).items():
+        print(f"  {part}: {n / 1e6:.2f}M parameters")
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)   # a no-op otherwise
+    autocast = (torch.autocast(device, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+    generator = torch.Generator().manual_seed(cfg.seed)   # which windows are sampled
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    step = 0
+    if cfg.resume:
+        state = load_checkpoint(ckpt_path)
+        load_model_state(model, state, ckpt_path)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        generator.set_state(state["rng"]["sampler"])
+        if device == "cuda" and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        step = state["step"]
+        print(f"resumed from {ckpt_path} at step {step}")
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, generator)
+
+    # Ctrl-C asks to stop: the current step finishes, then the run is saved, so a resumed run
+    # continues exactly as if nothing had happened. A second Ctrl-C quits at once.
+    stop = []
+
+    def request_stop(signum, frame):
+        stop.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        tqdm.write("stopping after this step (Ctrl-C again quits without saving)")
+
+    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    metrics = {}
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    try:
+        while step < cfg.steps and not stop:
+            started = time.perf_counter()
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                frames, actions = sampler.sample(cfg.batch_size, generator)
+                with autocast:
+                    loss = model(frames.to(device), actions.to(device)) / cfg.grad_accum
+                scaler.scale(loss).backward()
+                loss_sum += loss.item()
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(
+                    f"loss became {loss_sum} at step {step}; stopping without saving, so "
+                    f"{ckpt_path} still holds the last good state. Try a lower --lr or --dtype float32.")
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            model.update_target(ema_momentum(step, cfg))
+            step += 1
+            seconds = time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", step_s=f"{seconds:.2f}")
+            record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
+                      "samples_per_s": cfg.batch_size * cfg.grad_accum / seconds}
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                metrics = evaluate(model, val_frames, val_actions, device, autocast)
+                record.update(metrics)
+                tqdm.write(format_eval(step, metrics))
+            log.write(json.dumps(record) + "\n")
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
+                checkpoint()
+                log.flush()
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        bar.close()
+        log.close()
+    if stop:
+        print(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
+        raise SystemExit(130)
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# Main: flags generated from Config; preset, then explicit flags, then the resolved config
+
+
+def parse_config(argv=None):
+    parser = argparse.ArgumentParser(description="Train the JEPA image world model.")
+    for f in dataclasses.fields(Config):
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(f"--{f.name}", type=f.type, default=None, help=f"default: {f.default}")
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return resolve_config(given)
+
+
+def resolve_config(given):
+    """Config from explicit flags: on --resume the checkpoint's config, else the size preset,
+    then the flags on top (model-shape flags may not contradict a checkpoint)."""
+    cfg = Config(**{k: v for k, v in given.items() if k in ("out_dir", "resume", "device")})
+    if cfg.resume:
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        saved = load_checkpoint(path)["config"]
+        check_same_model(saved, Config(**{**saved, **given}), path)
+        return Config(**{**saved, **given})
+    size = given.get("size", "auto")
+    if size == "auto":
+        size = "base" if choose_device(cfg)[0] == "cuda" else "tiny"
+        print(f"size: {size} (base on a CUDA GPU, tiny on CPU; pick with --size)")
+    if size not in PRESETS:
+        raise SystemExit(f"--size {size}: choose one of {', '.join(PRESETS)}")
+    return Config(**{**PRESETS[size], **given, "size": size})
+
+
+def main(argv=None):
+    try:
+        cfg = parse_config(argv)
+        print("config: " + json.dumps(dataclasses.asdict(cfg)))
+        train(cfg)
+    except (CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
