@@ -625,7 +625,7 @@ def train(cfg):
         tqdm.write("stopping after this step (Ctrl-C again quits without saving)")
 
     previous_handler = signal.signal(signal.SIGINT, request_stop)
-    metrics = {}
+    metrics, speeds = {}, []
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     try:
@@ -655,8 +655,9 @@ def train(cfg):
             seconds = time.perf_counter() - started
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", step_s=f"{seconds:.2f}")
+            speeds.append(cfg.batch_size * cfg.grad_accum / seconds)
             record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
-                      "samples_per_s": cfg.batch_size * cfg.grad_accum / seconds}
+                      "samples_per_s": speeds[-1]}
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 metrics = evaluate(model, val_frames, val_actions, device, autocast)
                 record.update(metrics)
@@ -669,6 +670,8 @@ def train(cfg):
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
         log.close()
+    if speeds:
+        print(f"{len(speeds)} steps: median {np.median(speeds):.1f} samples/s ({cfg.size}, {dtype})")
     if stop:
         print(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
         raise SystemExit(130)

@@ -817,6 +817,39 @@ def write_preview(path, seed=1):
     print(f"wrote {path}")
 
 
+def benchmark(raw_dir, res, n_episodes=8):
+    """Frames per second, one process, on this machine: built-in-world generation (render +
+    mp4 encode), conversion of the first n episodes in raw_dir, and plain decode + resize of
+    the same videos (the limit conversion can approach)."""
+    pairs = find_episodes(raw_dir)[0][:n_episodes]
+    if not pairs:
+        sys.exit(f"{raw_dir}: no episodes to measure")
+    frames = 0
+    started = time.perf_counter()
+    for video, _ in pairs:
+        capture = cv2.VideoCapture(video)
+        while (frame := capture.read()[1]) is not None:
+            cv2.resize(frame, (res, res), interpolation=cv2.INTER_AREA)
+            frames += 1
+    decode = frames / (time.perf_counter() - started)
+    out = os.path.join(raw_dir, ".bench")
+    started = time.perf_counter()
+    for video, jsonl in pairs:
+        shutil.rmtree(out, ignore_errors=True)
+        convert_episode(video, jsonl, out, res)
+    convert = frames / (time.perf_counter() - started)
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    os.makedirs(out)
+    write_synthetic_episode(out, "bench-000000000000-20260101-000000", 0, 200)
+    generate = 200 / (time.perf_counter() - started)
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"one process, {len(pairs)} episodes, {frames} frames, {res}px:\n"
+          f"  built-in world generation (render + mp4 encode): {generate:7.0f} frames/s\n"
+          f"  conversion (decode, resize, actions, save):      {convert:7.0f} frames/s\n"
+          f"  decode + resize alone (the limit):               {decode:7.0f} frames/s")
+
+
 # -----------------------------------------------------------------------------
 # Downloading VPT episodes: index -> N (mp4, jsonl) pairs, resumable, retried, verified
 
@@ -940,6 +973,7 @@ def main(argv=None):
     source.add_argument("--vpt", metavar="DIR", help="convert a folder of <stem>.mp4 + <stem>.jsonl pairs")
     source.add_argument("--download", metavar="INDEX", help="a VPT index: file, URL or name like all_6xx_Jun_29.json")
     source.add_argument("--preview", metavar="PNG", help="write a picture of a built-in-world frame")
+    source.add_argument("--bench", metavar="RAW_DIR", help="measure generation, conversion and decode speed")
     parser.add_argument("--n", type=int, default=10, help="episodes to download (with --download)")
     parser.add_argument("--out", help="dataset folder (default data/builtin, or data/vpt for real data)")
     parser.add_argument("--res", type=int, default=64, choices=[64, 128, 224], help="frame size in pixels")
@@ -950,6 +984,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.preview:
         return write_preview(args.preview)
+    if args.bench:
+        return benchmark(args.bench, args.res)
     out = args.out or ("data/builtin" if args.synthetic else "data/vpt")
     started = time.time()
     if args.synthetic:
