@@ -68,6 +68,10 @@ class Config:
     conditioner_mlp_ratio: float = 4.0
     predictor_depth: int = 4         # transformer blocks in the predictor
     predictor_mlp_ratio: float = 4.0
+    decoder_width: int = 128         # the diffusion decoder's token width (it has its own size)
+    decoder_depth: int = 4           # DiT blocks in the decoder
+    decoder_heads: int = 4
+    decoder_mlp_ratio: float = 4.0
     # --- data ---
     data: str = "data/builtin"       # a dataset folder made by prepare_data.py
     frame_skip: int = 4              # raw frames per model step (VPT is 20 fps: 4 -> 0.2 s)
@@ -78,12 +82,19 @@ class Config:
     grad_accum: int = 1              # micro-batches per optimizer step
     rollout: int = 2                 # R: open-loop prediction steps in the loss (V-JEPA 2-AC uses 2+)
     lr: float = 1e-3                 # peak learning rate (AdamW)
+    decoder_lr_scale: float = 10.0   # the decoder's learning rate is lr * this: its pixel
+                                     # regression is badly conditioned and learns far faster so
     min_lr_ratio: float = 0.1        # the cosine schedule ends at lr * this
     warmup_steps: int = 200          # linear warmup from 0 to lr
     weight_decay: float = 0.05       # on weight matrices only
     grad_clip: float = 1.0           # max global gradient norm
     ema_start: float = 0.996         # target encoder momentum at step 0 (I-JEPA)
     ema_end: float = 1.0             # ... rising linearly to this at the last step
+    decoder_on_predicted: float = 0.5  # share of decoder examples conditioned on the predictor's
+                                     # own (detached) outputs instead of target latents: those are
+                                     # what the decoder sees when it draws rollouts
+    decoder_only: str = ""           # a world-model checkpoint: freeze it, train only the decoder
+    sample_steps: int = 10           # Euler steps when the decoder draws a frame (more: slower, finer)
     dtype: str = "auto"              # float32 | bfloat16 | float16 (autocast); auto: see choose_dtype
     device: str = "auto"             # cpu | cuda | auto
     seed: int = 0
@@ -91,6 +102,7 @@ class Config:
     eval_every: int = 500            # steps between validation lines
     eval_windows: int = 256          # validation windows (from validation episodes only)
     eval_horizon: int = 8            # pred/copy is reported for h = 1..this
+    eval_psnr_windows: int = 32      # of those, windows whose frames the decoder draws for PSNR
     ckpt_every: int = 500            # steps between checkpoints
     out_dir: str = "runs/iwm"        # checkpoint, log and resolved config go here
     resume: bool = False             # continue from <out_dir>/ckpt.pt
@@ -103,17 +115,22 @@ PRESETS = {
     "tiny": dict(image_size=64, patch_size=8, width=128, heads=4, encoder_depth=4,
                  conditioner_depth=2, predictor_depth=4, batch_size=32, grad_accum=1, lr=1e-3),
     "small": dict(image_size=64, patch_size=8, width=256, heads=8, encoder_depth=6,
-                  conditioner_depth=3, predictor_depth=6, batch_size=32, grad_accum=1, lr=6e-4),
+                  conditioner_depth=3, predictor_depth=6, decoder_width=256, decoder_depth=6,
+                  decoder_heads=8, batch_size=32, grad_accum=1, lr=6e-4),
     # the original's shapes: 224 px, patch 16 (196 tokens), width 768, 12 heads, encoder 16 blocks.
     # The original's conditioner had 16 cross-attention layers without MLPs; ours has MLPs, so
     # 6 blocks give the same ~43M. Its predictor had 12 blocks with MLP x12 (~198M by our count
     # of its description, short of its reported 213M): MLP x13 lands on 213M.
+    # The original's decoder: 12 blocks, width 768, 8 heads, MLP x8 (~141M), with no timestep
+    # conditioning. Ours adds adaLN-Zero (6 D^2 per block), so MLP x5 keeps the same ~141M.
     "base": dict(image_size=224, patch_size=16, width=768, heads=12, encoder_depth=16,
                  conditioner_depth=6, predictor_depth=12, predictor_mlp_ratio=13.0,
+                 decoder_width=768, decoder_depth=12, decoder_heads=8, decoder_mlp_ratio=5.0,
                  batch_size=8, grad_accum=4, lr=3e-4),
 }
-MODEL_FIELDS = ["image_size", "patch_size", "width", "heads", "encoder_depth", "encoder_mlp_ratio",
-                "conditioner_depth", "conditioner_mlp_ratio", "predictor_depth", "predictor_mlp_ratio"]
+WORLD_MODEL_FIELDS = ["image_size", "patch_size", "width", "heads", "encoder_depth", "encoder_mlp_ratio",
+                      "conditioner_depth", "conditioner_mlp_ratio", "predictor_depth", "predictor_mlp_ratio"]
+DECODER_FIELDS = ["decoder_width", "decoder_depth", "decoder_heads", "decoder_mlp_ratio", "rollout"]
 
 # -----------------------------------------------------------------------------
 # Small helpers
@@ -281,6 +298,158 @@ class Predictor(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# Diffusion decoder: latent tokens -> pixels, for watching and scoring predictions only.
+# Rectified flow (minRF, SD3). Time convention: t = 0 is the data, t = 1 pure noise, and
+#     x_t = (1 - t) * x_0 + t * noise,   velocity v = dx_t/dt = noise - x_0.
+# Sampling integrates v from t = 1 down to t = 0 with Euler steps.
+# The network itself predicts the clean image x_0 and v is derived from it (JiT, "Back to
+# Basics", 2025): a velocity contains the noise, which a patch token narrower than its
+# patch (128 < 8*8*3 here) cannot carry, while a clean image is easy to squeeze through.
+# The loss is the velocity error weighted by t^2, which is exactly the clean-image error:
+# every noise level counts the same in pixel space. (Unweighted, the nearly clean end, where
+# the task is "copy the input", would weigh up to 1/MIN_T^2 = 400 times more, and the decoder
+# learned to read the latent far more slowly: 18 dB instead of 25+ after 1200 steps.)
+
+
+def rectified_flow_loss(predict_clean, x0):
+    """Per-example t^2-weighted velocity MSE (= clean-image MSE), and the t each example got.
+    predict_clean(x_t, t) is the model. t ~ logit-normal (sigmoid of a standard normal, SD3):
+    mid-range times, where the picture takes shape, are sampled most."""
+    t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device))
+    noise = torch.randn_like(x0)
+    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+    # t^2 * |v_hat - v|^2 with v_hat = (x_t - x0_hat) / t and v = (x_t - x0) / t:
+    return (predict_clean(x_t, t).float() - x0).pow(2).mean(dim=(1, 2, 3)), t
+
+
+@torch.no_grad()
+def rectified_flow_sample(velocity, shape, steps, generator=None, device="cpu"):
+    """Start from noise at t = 1 and take `steps` Euler steps of size 1/steps down to t = 0."""
+    x = torch.randn(shape, generator=generator, device=device)
+    for i in range(steps):
+        t = torch.full((shape[0],), 1 - i / steps, device=device)
+        x = x - velocity(x, t).float() / steps
+    return x
+
+
+MIN_T = 0.05   # floor of t when a velocity is derived from a predicted clean image
+
+
+def timestep_embedding(t, dim):
+    """Sin-cos features of diffusion time t in [0, 1] (scaled by 1000, as in DiT)."""
+    frequencies = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    angles = 1000 * t[:, None].float() * frequencies[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DecoderBlock(nn.Module):
+    """DiT block with adaLN-Zero: the conditioning vector sets each norm's shift and scale and
+    gates each residual branch; the gates start at zero, so every block starts as identity."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.attention = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.mlp = MLP(dim, mlp_ratio)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c):                                   # (B, N, E), (B, E)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=1)
+        x = x + gate1[:, None] * self.attention(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class Decoder(nn.Module):
+    """Predicts the clean frame from a noisy one, given the frame's latent tokens.
+
+    Latent token i belongs to image patch i (same grid), so it is added to the i-th noisy
+    patch token and read out into patch i: that is where the decoder must draw what it encodes. Their mean, summed with
+    the time embedding, conditions every block through adaLN-Zero (DiT's summed vector)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, p = cfg.decoder_width, cfg.patch_size
+        self.patch_size, self.grid = p, cfg.image_size // p
+        self.patch_in = nn.Linear(3 * p * p, E)
+        self.latent_in = nn.Linear(cfg.width, E)
+        self.register_buffer("positions", sincos_positions_2d(self.grid, E), persistent=False)
+        self.time_mlp = nn.Sequential(nn.Linear(256, E), nn.SiLU(), nn.Linear(E, E))
+        self.latent_pool = nn.Linear(cfg.width, E)
+        # How many model steps ahead the latent was predicted (0: encoded from a real frame).
+        # A prediction is uncertain, a reconstruction is not: knowing which, the decoder can
+        # hedge on the one and be sharp on the other. Rollouts longer than training's use `rollout`.
+        self.max_steps_ahead = cfg.rollout
+        self.steps_ahead_embed = nn.Embedding(cfg.rollout + 1, E)
+        self.blocks = nn.ModuleList(DecoderBlock(E, cfg.decoder_heads, cfg.decoder_mlp_ratio)
+                                    for _ in range(cfg.decoder_depth))
+        self.final_norm = nn.LayerNorm(E, elementwise_affine=False)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(E, 2 * E))
+        self.patch_out = nn.Linear(E, 3 * p * p)
+        # A linear readout from latent token i straight to the pixels of patch i: the latents
+        # keep most of their patch linearly (a least-squares readout alone reaches ~33 dB), so
+        # this skip draws the picture at once and the blocks learn the rest from the noisy input.
+        self.readout = nn.Linear(cfg.width, 3 * p * p)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """All special inits in one place (DiT): Xavier-uniform linears, zero biases, then zero
+        for every adaLN modulation and the output layer, so the decoder starts predicting 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.time_mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation[-1].weight)
+            nn.init.zeros_(block.modulation[-1].bias)
+        for layer in (self.final_modulation[-1], self.patch_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def patchify(self, images):                                # (B, 3, H, W)
+        B, p, g = images.shape[0], self.patch_size, self.grid
+        x = images.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1)     # (B, g, g, p, p, 3)
+        return x.reshape(B, g * g, p * p * 3)                              # (B, N, p*p*3)
+
+    def unpatchify(self, patches):                             # (B, N, p*p*3)
+        B, p, g = patches.shape[0], self.patch_size, self.grid
+        x = patches.reshape(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)    # (B, 3, g, p, g, p)
+        return x.reshape(B, 3, g * p, g * p)                               # (B, 3, H, W)
+
+    def forward(self, noisy, t, latent, steps_ahead):          # (B, 3, H, W), (B,), (B, N, D), (B,)
+        x = self.patch_in(self.patchify(noisy))                # (B, N, E)
+        x = x + self.latent_in(latent) + self.positions        # (B, N, E) patch i gets token i
+        c = (self.time_mlp(timestep_embedding(t, 256)) + self.latent_pool(latent.mean(dim=1))
+             + self.steps_ahead_embed(steps_ahead.clamp(max=self.max_steps_ahead)))          # (B, E)
+        for block in self.blocks:
+            x = block(x, c)                                    # (B, N, E)
+        shift, scale = self.final_modulation(c).chunk(2, dim=1)
+        x = self.patch_out(modulate(self.final_norm(x), shift, scale)) + self.readout(latent)  # (B, N, p*p*3)
+        return self.unpatchify(x)                              # (B, 3, H, W) predicted clean image
+
+    def velocity(self, noisy, t, latent, steps_ahead):
+        """v = (x_t - x_0) / t from the predicted x_0; t is floored at MIN_T so the division
+        stays tame near the data end (JiT does the same)."""
+        clean = self(noisy, t, latent, steps_ahead)
+        return (noisy - clean) / t.clamp_min(MIN_T)[:, None, None, None]
+
+    def draw(self, latent, steps, generator=None, steps_ahead=0):
+        """Sample frames (B, 3, H, W) in [-1, 1] for latents (B, N, D) predicted steps_ahead
+        (an int or a (B,) tensor) model steps ahead; 0 for latents of real frames."""
+        size = self.grid * self.patch_size
+        steps_ahead = torch.as_tensor(steps_ahead, device=latent.device).expand(latent.shape[0])
+        images = rectified_flow_sample(lambda x, t: self.velocity(x, t, latent, steps_ahead),
+                                       (latent.shape[0], 3, size, size), steps, generator, latent.device)
+        return images.clamp(-1, 1)
+
+
+# -----------------------------------------------------------------------------
 # The world model: the four parts, the JEPA loss and the EMA update
 
 
@@ -303,6 +472,7 @@ class WorldModel(nn.Module):
         self.predictor = Predictor(cfg)
         self.target_encoder = copy.deepcopy(self.encoder)      # EMA copy, never trained directly
         self.target_encoder.requires_grad_(False)
+        self.decoder = Decoder(cfg)                            # reads detached latents only
 
     def train(self, mode=True):
         super().train(mode)
@@ -334,14 +504,28 @@ class WorldModel(nn.Module):
         return torch.stack(predictions, dim=1)
 
     def forward(self, frames, actions):                        # (B, R+1, H, W, 3), (B, R, K, A)
-        """Training loss: teacher-forced first step plus R-1 steps on its own predictions."""
+        """Training loss = JEPA loss (first step from the real frame, then R-1 steps on the
+        model's own predictions) + decoder loss. Also returns the parts, for logging."""
         assert frames.shape[1] == actions.shape[1] + 1, "need one more frame than action windows"
         # Step 1: targets from the EMA encoder (no gradient, eval mode)
         targets = self.encode_target(frames[:, 1:])                      # (B, R, N, D)
         # Step 2: encode the start frame, roll out R steps, compare every step
         latent = self.encode(frames[:, :1])[:, 0]                        # (B, N, D)
         predictions = self.rollout(latent, actions)                      # (B, R, N, D)
-        return jepa_loss(predictions, targets).mean()
+        world_loss = jepa_loss(predictions, targets).mean()
+        # Step 2b: the decoder learns to draw one future frame per window from a detached latent
+        # (no decoder gradient reaches the JEPA: DINO-WM and LeWM plan worse when it does).
+        # Some examples get the predictor's own output instead of the target latent, so the
+        # decoder also learns to draw the true frame from the imperfect latents of a rollout.
+        B, R = actions.shape[:2]
+        rows, step = torch.arange(B, device=frames.device), torch.randint(R, (B,), device=frames.device)
+        use_predicted = torch.rand(B, device=frames.device) < self.cfg.decoder_on_predicted
+        condition = torch.where(use_predicted[:, None, None], predictions[rows, step], targets[rows, step]).detach()
+        steps_ahead = torch.where(use_predicted, step + 1, 0)
+        image = normalize_frames(frames[rows, step + 1], self.cfg.image_size)        # (B, 3, H, W)
+        decoder_losses, t = rectified_flow_loss(lambda x, t: self.decoder(x, t, condition, steps_ahead), image)
+        info = {"world_loss": world_loss.detach(), "decoder_losses": decoder_losses.detach(), "decoder_t": t}
+        return world_loss + decoder_losses.mean(), info
 
     @torch.no_grad()
     def update_target(self, momentum):
@@ -365,7 +549,7 @@ def learning_rate(step, cfg):
 
 def count_parameters(model):
     """Trainable parameters per part (the target encoder is a copy, listed separately)."""
-    parts = ["encoder", "action_conditioner", "predictor"]
+    parts = ["encoder", "action_conditioner", "predictor", "decoder"]
     counts = {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in parts}
     counts["target_encoder (EMA copy)"] = sum(p.numel() for p in model.target_encoder.parameters())
     return counts
@@ -408,11 +592,14 @@ class WindowSampler:
                             for k in range(self.steps)])
         return frames, actions
 
-    def sample(self, batch_size, generator):
+    def sample_positions(self, batch_size, generator):
+        """(episode, start frame) of batch_size uniformly random windows."""
         flat = torch.randint(self.total, (batch_size,), generator=generator)
         which = torch.searchsorted(self.first_start, flat, right=True) - 1
-        windows = [self.window_at(self.episodes[e], int(f - self.first_start[e]))
-                   for e, f in zip(which.tolist(), flat)]
+        return [(self.episodes[e], int(f - self.first_start[e])) for e, f in zip(which.tolist(), flat)]
+
+    def sample(self, batch_size, generator):
+        windows = [self.window_at(episode, start) for episode, start in self.sample_positions(batch_size, generator)]
         frames = torch.from_numpy(np.stack([w[0] for w in windows]))     # (B, S, H, W, 3)
         actions = torch.from_numpy(np.stack([w[1] for w in windows]))    # (B, S-1, K, A)
         return frames, actions
@@ -436,10 +623,19 @@ def open_dataset(cfg):
 # Evaluation: the numbers every file reports the same way (design.md, "What works means")
 
 
+def psnr(images, reference):
+    """PSNR in dB per image, for images in [-1, 1] (peak-to-peak 2): 10 log10(2^2 / MSE)."""
+    mse = (images.float() - reference.float()).pow(2).mean(dim=(-3, -2, -1))
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+
+
 @torch.no_grad()
-def evaluate(model, frames, actions, device, autocast, chunk=64):
+def evaluate(model, frames, actions, device, autocast, psnr_windows=0, sample_steps=10, chunk=64):
     """On fixed validation windows: val loss, pred/copy for h = 1..H, action sensitivity
-    (error with actions shuffled across windows / with the true ones) and target std."""
+    (error with actions shuffled across windows / with the true ones) and target std.
+    With psnr_windows > 0, the decoder also draws the first psnr_windows windows' futures from
+    the predicted latents and from the target latents (reconstruction); their PSNR against the
+    true frames is reported per horizon, next to that of repeating the start frame."""
     was_training = model.training
     model.eval()
     horizon = actions.shape[1]
@@ -457,19 +653,42 @@ def evaluate(model, frames, actions, device, autocast, chunk=64):
         copy_error += jepa_loss(targets[:, :1], future).mean(-1).sum(0).cpu()   # "nothing changes"
         shuffled_error += jepa_loss(shuffled, future).mean(-1).sum(0).cpu()
         target_std.append(targets[:, 0].std(dim=0).mean().item())           # across the batch
-    model.train(was_training)
     n = len(frames)
-    return {"val_loss": (predicted_error[:model.cfg.rollout].sum() / n / model.cfg.rollout).item(),
-            "pred_copy": (predicted_error / copy_error).tolist(),
-            "action_sensitivity": (shuffled_error.sum() / predicted_error.sum()).item(),
-            "target_std": float(np.mean(target_std))}
+    metrics = {"val_loss": (predicted_error[:model.cfg.rollout].sum() / n / model.cfg.rollout).item(),
+               "pred_copy": (predicted_error / copy_error).tolist(),
+               "action_sensitivity": (shuffled_error.sum() / predicted_error.sum()).item(),
+               "target_std": float(np.mean(target_std))}
+    if psnr_windows:
+        f, a = frames[:psnr_windows].to(device), actions[:psnr_windows].to(device)
+        generator = torch.Generator(device).manual_seed(0)      # the same noise every eval
+        with autocast:
+            targets = model.encode_target(f)                                # (b, H+1, N, D)
+            predicted = model.rollout(model.encode(f[:, :1])[:, 0], a)      # (b, H, N, D)
+            steps_ahead = torch.arange(1, horizon + 1, device=device).repeat(len(f))     # h of each image
+            drawn = model.decoder.draw(predicted.flatten(0, 1), sample_steps, generator, steps_ahead)
+            reconstructed = model.decoder.draw(targets[:, 1:].flatten(0, 1), sample_steps, generator)
+        truth = normalize_frames(f[:, 1:], model.cfg.image_size)           # (b, H, 3, h, w)
+        start = normalize_frames(f[:, :1], model.cfg.image_size)           # (b, 1, 3, h, w)
+        metrics["psnr_prediction"] = psnr(drawn.unflatten(0, (len(f), horizon)), truth).mean(0).tolist()
+        metrics["psnr_reconstruction"] = psnr(reconstructed.unflatten(0, (len(f), horizon)), truth).mean(0).tolist()
+        metrics["psnr_repeat_start"] = psnr(start, truth).mean(0).tolist()
+    model.train(was_training)
+    return metrics
 
 
 def format_eval(step, metrics):
-    ratios = " ".join(f"{r:.2f}" for r in metrics["pred_copy"])
-    return (f"step {step}: val loss {metrics['val_loss']:.4f} | pred/copy h=1..{len(metrics['pred_copy'])}: "
-            f"{ratios} | action sensitivity {metrics['action_sensitivity']:.2f} | "
+    def row(values, digits):
+        return " ".join(f"{v:.{digits}f}" for v in values)
+
+    text = (f"step {step}: val loss {metrics['val_loss']:.4f} | pred/copy h=1..{len(metrics['pred_copy'])}: "
+            f"{row(metrics['pred_copy'], 2)} | action sensitivity {metrics['action_sensitivity']:.2f} | "
             f"target std {metrics['target_std']:.3f}")
+    if "psnr_prediction" in metrics:
+        text += (f"\n  PSNR dB h=1..: prediction {row(metrics['psnr_prediction'], 1)} | repeat start "
+                 f"{row(metrics['psnr_repeat_start'], 1)} | reconstruction {row(metrics['psnr_reconstruction'], 1)}")
+    if "decoder_loss_by_t" in metrics:
+        text += f"\n  decoder loss by t (0-.25-.5-.75-1): {row(metrics['decoder_loss_by_t'], 4)}"
+    return text
 
 
 # -----------------------------------------------------------------------------
@@ -505,20 +724,42 @@ def load_checkpoint(path):
     return state
 
 
-def check_same_model(saved, cfg, path):
+def check_same_model(saved, cfg, path, fields=WORLD_MODEL_FIELDS + DECODER_FIELDS):
     """A checkpoint only loads into a model of the same shape: say which fields differ."""
-    differ = {k: (saved.get(k), getattr(cfg, k)) for k in MODEL_FIELDS if saved.get(k) != getattr(cfg, k)}
+    differ = {k: (saved.get(k), getattr(cfg, k)) for k in fields if saved.get(k) != getattr(cfg, k)}
     if differ:
         listing = ", ".join(f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in differ.items())
         raise CheckpointError(f"{path} holds a different model ({listing}); drop those flags or "
                               "use another --out_dir")
 
 
+def load_world_model(model, path):
+    """Decoder-only training: the encoders, conditioner and predictor come from a checkpoint
+    and are frozen; the decoder (whatever its size) starts fresh."""
+    state = load_checkpoint(path)
+    check_same_model(state["config"], model.cfg, path, WORLD_MODEL_FIELDS)
+    world = {k: v for k, v in state["model"].items() if not k.startswith("decoder.")}
+    missing, unexpected = model.load_state_dict(world, strict=False)
+    if unexpected or any(not k.startswith("decoder.") for k in missing):
+        raise CheckpointError(f"{path} does not fit this world model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    for part in (model.encoder, model.action_conditioner, model.predictor):
+        part.requires_grad_(False)
+    print(f"world model loaded from {path} and frozen; training only the decoder")
+
+
 def load_model_state(model, state, path):
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit this model: {str(e).splitlines()[0]}") from None
+    """Load weights, or say which parameters are missing, unexpected or of another shape."""
+    expected, saved = model.state_dict(), state["model"]
+    problems = [f"missing {k}" for k in expected if k not in saved]
+    problems += [f"unexpected {k}" for k in saved if k not in expected]
+    problems += [f"{k} is {tuple(saved[k].shape)} in the checkpoint, {tuple(v.shape)} here"
+                 for k, v in expected.items() if k in saved and saved[k].shape != v.shape]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{path} does not fit this model: {'; '.join(problems[:3])}{more}. "
+                              "Was it written by another version of iwm.py?")
+    model.load_state_dict(saved)
 
 
 # -----------------------------------------------------------------------------
@@ -562,13 +803,18 @@ def cpu_bf16_speedup(size=512, repeats=20):
     return seconds[torch.float32] / seconds[torch.bfloat16]
 
 
-def parameter_groups(model, weight_decay):
-    """Weight decay on weight matrices only: not on norms, biases or position embeddings."""
-    decay, no_decay = [], []
+def parameter_groups(model, cfg):
+    """Weight decay on weight matrices only: not on norms, biases or position embeddings.
+    The decoder's groups carry a learning-rate scale (cfg.decoder_lr_scale)."""
+    groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "positions" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            decay = p.ndim >= 2 and "positions" not in name
+            scale = cfg.decoder_lr_scale if name.startswith("decoder.") else 1.0
+            group = groups.setdefault((decay, scale), {"params": [], "lr_scale": scale,
+                                                       "weight_decay": cfg.weight_decay if decay else 0.0})
+            group["params"].append(p)
+    return list(groups.values())
 
 
 def train(cfg):
@@ -588,7 +834,9 @@ def train(cfg):
     model = WorldModel(cfg).to(device)
     for part, n in count_parameters(model).items():
         print(f"  {part}: {n / 1e6:.2f}M parameters")
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
+    if cfg.decoder_only:
+        load_world_model(model, cfg.decoder_only)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr,
                                   betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)   # a no-op otherwise
     autocast = (torch.autocast(device, dtype=dtype) if dtype != torch.float32
@@ -626,6 +874,7 @@ def train(cfg):
 
     previous_handler = signal.signal(signal.SIGINT, request_stop)
     metrics, speeds = {}, []
+    decoder_by_t = torch.zeros(2, 4)       # sums and counts of decoder loss in 4 bins of t
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     try:
@@ -633,14 +882,18 @@ def train(cfg):
             started = time.perf_counter()
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
+                group["lr"] = lr * group["lr_scale"]
+            loss_sum = world_sum = 0.0
             for _ in range(cfg.grad_accum):
                 frames, actions = sampler.sample(cfg.batch_size, generator)
                 with autocast:
-                    loss = model(frames.to(device), actions.to(device)) / cfg.grad_accum
-                scaler.scale(loss).backward()
-                loss_sum += loss.item()
+                    loss, info = model(frames.to(device), actions.to(device))
+                scaler.scale(loss / cfg.grad_accum).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+                world_sum += info["world_loss"].item() / cfg.grad_accum
+                time_bin = (info["decoder_t"] * 4).long().clamp(max=3).cpu()   # loss by diffusion time
+                decoder_by_t[0].index_add_(0, time_bin, info["decoder_losses"].float().cpu())
+                decoder_by_t[1].index_add_(0, time_bin, torch.ones(len(time_bin)))
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(
                     f"loss became {loss_sum} at step {step}; stopping without saving, so "
@@ -650,16 +903,20 @@ def train(cfg):
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            model.update_target(ema_momentum(step, cfg))
+            if not cfg.decoder_only:                 # a frozen world model keeps its target
+                model.update_target(ema_momentum(step, cfg))
             step += 1
             seconds = time.perf_counter() - started
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", step_s=f"{seconds:.2f}")
+            bar.set_postfix(world=f"{world_sum:.4f}", decoder=f"{loss_sum - world_sum:.4f}", step_s=f"{seconds:.2f}")
             speeds.append(cfg.batch_size * cfg.grad_accum / seconds)
-            record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
-                      "samples_per_s": speeds[-1]}
+            record = {"step": step, "loss": loss_sum, "world_loss": world_sum, "decoder_loss": loss_sum - world_sum,
+                      "lr": lr, "grad_norm": grad_norm.item(), "samples_per_s": speeds[-1]}
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                metrics = evaluate(model, val_frames, val_actions, device, autocast)
+                metrics = evaluate(model, val_frames, val_actions, device, autocast,
+                                   cfg.eval_psnr_windows, cfg.sample_steps)
+                metrics["decoder_loss_by_t"] = (decoder_by_t[0] / decoder_by_t[1].clamp_min(1)).tolist()
+                decoder_by_t.zero_()
                 record.update(metrics)
                 tqdm.write(format_eval(step, metrics))
             log.write(json.dumps(record) + "\n")
@@ -702,6 +959,11 @@ def resolve_config(given):
         saved = load_checkpoint(path)["config"]
         check_same_model(saved, Config(**{**saved, **given}), path)
         return Config(**{**saved, **given})
+    if given.get("decoder_only"):
+        saved = load_checkpoint(given["decoder_only"])["config"]
+        world = {k: saved[k] for k in WORLD_MODEL_FIELDS + ["size", "data", "frame_skip", "action_window"]}
+        out_dir = os.path.join(os.path.dirname(given["decoder_only"]), "decoder")  # keep the source intact
+        return Config(**{**PRESETS[saved["size"]], **world, "out_dir": out_dir, **given})
     size = given.get("size", "auto")
     if size == "auto":
         size = "base" if choose_device(cfg)[0] == "cuda" else "tiny"

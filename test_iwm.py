@@ -378,7 +378,8 @@ def test_shapes_through_every_module():
     assert conditioned.shape == (B, N, D)
     assert model.predictor(conditioned, latents[:, 0]).shape == (B, N, D)
     assert model.rollout(latents[:, 0], actions).shape == (B, 2, N, D)
-    assert model(frames, actions).shape == ()
+    loss, info = model(frames, actions)
+    assert loss.shape == () and info["decoder_losses"].shape == (B,) and info["decoder_t"].shape == (B,)
 
 
 def test_base_preset_matches_the_original_parameter_counts_within_5_percent():
@@ -408,7 +409,7 @@ def test_target_encoder_gets_no_gradient_and_follows_the_ema_formula():
     model.train()
     assert not model.target_encoder.training          # always eval mode
     frames = torch.randint(0, 256, (2, 3, 32, 32, 3), dtype=torch.uint8)
-    model(frames, torch.rand(2, 2, 25, A)).backward()
+    model(frames, torch.rand(2, 2, 25, A))[0].backward()
     assert all(p.grad is None for p in model.target_encoder.parameters())
     assert any(p.grad is not None for p in model.encoder.parameters())
     with torch.no_grad():
@@ -463,11 +464,11 @@ def test_a_tiny_model_overfits_one_batch():
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(150):
-        loss = model(frames, actions)       # the target encoder stays fixed (momentum 1)
+        loss, info = model(frames, actions)   # the target encoder stays fixed (momentum 1)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(info["world_loss"].item())
     assert losses[-1] < 0.05 * losses[0], (losses[0], losses[-1])
 
 
@@ -537,3 +538,114 @@ def test_flags_override_the_preset_and_resume_keeps_the_checkpoint_config(builti
     iwm.train(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=3))
     resumed = iwm.parse_config(["--out_dir", str(tmp_path), "--resume", "--steps", "9"])
     assert (resumed.width, resumed.steps, resumed.data) == (32, 9, builtin_dataset)
+
+
+# -----------------------------------------------------------------------------
+# The diffusion decoder and sample.py
+
+
+def randomize_zero_inits(module):
+    """adaLN-Zero and the output layer start at zero (the decoder starts as a constant); give
+    them weights so that outputs depend on inputs."""
+    for p in module.parameters():
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+
+
+def test_decoder_draws_each_latent_token_into_its_own_patch():
+    torch.manual_seed(0)
+    cfg = small_config()
+    decoder = iwm.Decoder(cfg)
+    randomize_zero_inits(decoder)
+    noisy, t, latent = torch.randn(1, 3, 32, 32), torch.full((1,), 0.5), torch.randn(1, 16, 32)
+    ahead = torch.zeros(1, dtype=torch.long)
+    base = decoder(noisy, t, latent, ahead)
+    assert base.shape == (1, 3, 32, 32)
+    for token in [0, 5, 10, 15]:
+        changed = latent.clone()
+        changed[0, token] += 3.0
+        change_per_patch = decoder.patchify(decoder(noisy, t, changed, ahead) - base).abs().sum(-1)[0]
+        assert change_per_patch.argmax() == token      # patch 5 = row 1, column 1 of the 4x4 grid
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(decoder.unpatchify(decoder.patchify(images)), images)
+    assert torch.equal(decoder.patchify(images)[0, 5].reshape(8, 8, 3).permute(2, 0, 1), images[0, :, 8:16, 8:16])
+
+
+def test_noising_and_sampler_are_consistent_the_exact_velocity_recovers_the_target():
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    noise, t = torch.randn_like(x0), 0.7
+    x_t = (1 - t) * x0 + t * noise                       # the noising process
+    torch.testing.assert_close(x_t - t * (noise - x0), x0)   # one Euler step of size t along v
+    exact = lambda x, t: (x - x0) / t[:, None, None, None]   # the true field towards x0
+    for steps in (1, 4, 25):
+        torch.testing.assert_close(iwm.rectified_flow_sample(exact, x0.shape, steps), x0, atol=1e-5, rtol=1e-5)
+
+
+def test_sampler_is_deterministic_with_a_seed():
+    torch.manual_seed(0)
+    decoder = iwm.Decoder(small_config())
+    randomize_zero_inits(decoder)
+    latent = torch.randn(2, 16, 32)
+    draw = lambda seed: decoder.draw(latent, 3, torch.Generator().manual_seed(seed))
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))
+
+
+@pytest.mark.parametrize("on_predicted", [0.0, 1.0])
+def test_no_decoder_gradient_reaches_the_world_model(monkeypatch, on_predicted):
+    torch.manual_seed(0)
+    model = iwm.WorldModel(small_config(decoder_on_predicted=on_predicted))
+    randomize_head(model)
+    randomize_zero_inits(model.decoder)
+    monkeypatch.setattr(iwm, "jepa_loss", lambda p, t: (p - t).pow(2).mean(-1) * 0.0)  # decoder loss only
+    frames = torch.randint(0, 256, (2, 3, 32, 32, 3), dtype=torch.uint8)
+    loss, _ = model(frames, torch.rand(2, 2, 25, A))
+    loss.backward()
+    for part in (model.encoder, model.action_conditioner, model.predictor):
+        assert all(p.grad is None or not p.grad.any() for p in part.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in model.decoder.parameters())
+
+
+def test_decoder_only_training_keeps_the_world_model_frozen(builtin_dataset, tmp_path):
+    iwm.train(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=3))
+    source = str(tmp_path / "ckpt.pt")
+    cfg = iwm.resolve_config({"decoder_only": source, "steps": 3, "dtype": "float32", "device": "cpu",
+                              "eval_windows": 8, "eval_psnr_windows": 2, "eval_horizon": 4, "batch_size": 4})
+    assert cfg.out_dir == str(tmp_path / "decoder") and cfg.width == 32
+    iwm.train(cfg)
+    before = torch.load(source, weights_only=True)["model"]
+    after = torch.load(tmp_path / "decoder" / "ckpt.pt", weights_only=True)["model"]
+    for key in before:
+        same = torch.equal(before[key], after[key])
+        assert same != key.startswith("decoder."), key   # everything but the decoder unchanged
+
+
+def test_sample_py_writes_gifs_opencv_reads_back_with_the_panel_layout(builtin_dataset, tmp_path):
+    import sample
+    iwm.train(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=3))
+    ckpt = str(tmp_path / "ckpt.pt")
+    common = ["--ckpt", ckpt, "--horizon", "4", "--n", "1", "--windows", "4", "--sample_steps", "2", "--scale", "2"]
+    sample.main(common + ["--out", str(tmp_path / "a")])
+    ok, gif = cv2.imreadanimation(str(tmp_path / "a" / "rollout_0.gif"))
+    assert ok and len(gif.frames) == 4 + 1                                   # the start + 4 steps
+    panel = 32 * 2
+    assert gif.frames[0].shape == (sample.LABEL_HEIGHT + panel + sample.BAR_HEIGHT, 3 * panel + 2 * 2, 3)
+    table = json.load(open(tmp_path / "a" / "metrics.json"))["per_horizon"]
+    assert [row["h"] for row in table] == [1, 2, 3, 4] and all(row["psnr_repeat_start"] > 0 for row in table)
+    # "what if": the same start under two scripts, one panel each after the true future and prediction
+    sample.main(common + ["--out", str(tmp_path / "b"), "--actions", "turn_left,walk_forward"])
+    ok, gif = cv2.imreadanimation(str(tmp_path / "b" / "rollout_0_turn_left_walk_forward.gif"))
+    assert ok and gif.frames[0].shape[1] == 4 * panel + 3 * 2
+    with pytest.raises(SystemExit, match="unknown script"):
+        sample.main(common + ["--actions", "moonwalk"])
+    with pytest.raises(SystemExit, match="no checkpoint there"):
+        sample.main(["--ckpt", str(tmp_path / "missing.pt")])
+
+
+def test_sample_py_converts_a_raw_vpt_pair_on_the_fly(builtin_raw, builtin_dataset, tmp_path):
+    import sample
+    iwm.train(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=3))
+    video = str(builtin_raw / "builtin-000000000002-20260101-000000.mp4")
+    sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--video", video, "--horizon", "4", "--n", "1",
+                 "--windows", "2", "--sample_steps", "2", "--out", str(tmp_path / "v")])
+    assert (tmp_path / "v" / "rollout_0.gif").exists()
