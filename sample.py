@@ -202,13 +202,13 @@ def main(argv=None):
     frames, actions = sampler.sample(args.windows, generator)
     metrics = iwm.evaluate(model, frames, actions, device, autocast, psnr_windows=args.windows,
                            sample_steps=sample_steps)
-    table = [{"h": h + 1, "pred_copy": metrics["pred_copy"][h], "psnr_prediction": metrics["psnr_prediction"][h],
-              "psnr_repeat_start": metrics["psnr_repeat_start"][h],
-              "psnr_reconstruction": metrics["psnr_reconstruction"][h]} for h in range(args.horizon)]
-    print(" h | latent pred/copy | PSNR prediction | PSNR repeat start | PSNR reconstruction")
+    columns = ["pred_copy", "psnr_prediction", "psnr_prediction_mean", "psnr_repeat_start", "psnr_reconstruction"]
+    table = [{"h": h + 1, **{c: metrics[c][h] for c in columns}} for h in range(args.horizon)]
+    print(f"PSNR in dB against the true frame; prediction sample: {sample_steps} Euler steps, prediction mean: 1 step")
+    print(" h | latent pred/copy | prediction sample | prediction mean | repeat start | reconstruction")
     for row in table:
-        print(f"{row['h']:2d} | {row['pred_copy']:16.3f} | {row['psnr_prediction']:15.2f} | "
-              f"{row['psnr_repeat_start']:17.2f} | {row['psnr_reconstruction']:19.2f}")
+        print(f"{row['h']:2d} | {row['pred_copy']:16.3f} | {row['psnr_prediction']:17.2f} | "
+              f"{row['psnr_prediction_mean']:15.2f} | {row['psnr_repeat_start']:12.2f} | {row['psnr_reconstruction']:14.2f}")
     print(f"action sensitivity {metrics['action_sensitivity']:.2f}, target std {metrics['target_std']:.3f}")
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump({"checkpoint": args.ckpt, "step": step, "sample_steps": sample_steps, "windows": args.windows,
