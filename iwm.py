@@ -97,9 +97,10 @@ class Config:
     grad_clip: float = 1.0           # max global gradient norm
     ema_start: float = 0.996         # target encoder momentum at step 0 (I-JEPA)
     ema_end: float = 1.0             # ... rising linearly to this at the last step
-    decoder_on_predicted: float = 0.5  # share of decoder examples conditioned on the predictor's
-                                     # own (detached) outputs instead of target latents: those are
-                                     # what the decoder sees when it draws rollouts
+    decoder_on_predicted: float = 0.0  # share of decoder examples conditioned on the predictor's
+                                     # own (detached) outputs instead of target latents. Measured
+                                     # (README): 0.5 made decoded predictions and reconstructions
+                                     # worse than 0 on the quickstart world model, so 0 it is
     decoder_only: str = ""           # a world-model checkpoint: freeze it, train only the decoder
     sample_steps: int = 10           # Euler steps when the decoder draws a frame (more: slower, finer)
     dtype: str = "auto"              # float32 | bfloat16 | float16 (autocast); auto: see choose_dtype
@@ -138,7 +139,7 @@ PRESETS = {
 }
 WORLD_MODEL_FIELDS = ["image_size", "patch_size", "width", "heads", "encoder_depth", "encoder_mlp_ratio",
                       "conditioner_depth", "conditioner_mlp_ratio", "predictor_depth", "predictor_mlp_ratio"]
-DECODER_FIELDS = ["decoder_width", "decoder_depth", "decoder_heads", "decoder_mlp_ratio", "rollout"]
+DECODER_FIELDS = ["decoder_width", "decoder_depth", "decoder_heads", "decoder_mlp_ratio"]
 
 # -----------------------------------------------------------------------------
 # Small helpers
@@ -388,11 +389,6 @@ class Decoder(nn.Module):
         self.register_buffer("positions", sincos_positions_2d(self.grid, E), persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(256, E), nn.SiLU(), nn.Linear(E, E))
         self.latent_pool = nn.Linear(cfg.width, E)
-        # How many model steps ahead the latent was predicted (0: encoded from a real frame).
-        # A prediction is uncertain, a reconstruction is not: knowing which, the decoder can
-        # hedge on the one and be sharp on the other. Rollouts longer than training's use `rollout`.
-        self.max_steps_ahead = cfg.rollout
-        self.steps_ahead_embed = nn.Embedding(cfg.rollout + 1, E)
         self.blocks = nn.ModuleList(DecoderBlock(E, cfg.decoder_heads, cfg.decoder_mlp_ratio)
                                     for _ in range(cfg.decoder_depth))
         self.final_norm = nn.LayerNorm(E, elementwise_affine=False)
@@ -430,29 +426,25 @@ class Decoder(nn.Module):
         x = patches.reshape(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)    # (B, 3, g, p, g, p)
         return x.reshape(B, 3, g * p, g * p)                               # (B, 3, H, W)
 
-    def forward(self, noisy, t, latent, steps_ahead):          # (B, 3, H, W), (B,), (B, N, D), (B,)
+    def forward(self, noisy, t, latent):                       # (B, 3, H, W), (B,), (B, N, D)
         x = self.patch_in(self.patchify(noisy))                # (B, N, E)
         x = x + self.latent_in(latent) + self.positions        # (B, N, E) patch i gets token i
-        c = (self.time_mlp(timestep_embedding(t, 256)) + self.latent_pool(latent.mean(dim=1))
-             + self.steps_ahead_embed(steps_ahead.clamp(max=self.max_steps_ahead)))          # (B, E)
+        c = self.time_mlp(timestep_embedding(t, 256)) + self.latent_pool(latent.mean(dim=1))   # (B, E)
         for block in self.blocks:
             x = block(x, c)                                    # (B, N, E)
         shift, scale = self.final_modulation(c).chunk(2, dim=1)
         x = self.patch_out(modulate(self.final_norm(x), shift, scale)) + self.readout(latent)  # (B, N, p*p*3)
         return self.unpatchify(x)                              # (B, 3, H, W) predicted clean image
 
-    def velocity(self, noisy, t, latent, steps_ahead):
+    def velocity(self, noisy, t, latent):
         """v = (x_t - x_0) / t from the predicted x_0; t is floored at MIN_T so the division
         stays tame near the data end (JiT does the same)."""
-        clean = self(noisy, t, latent, steps_ahead)
+        clean = self(noisy, t, latent)
         return (noisy - clean) / t.clamp_min(MIN_T)[:, None, None, None]
 
-    def draw(self, latent, steps, generator=None, steps_ahead=0):
-        """Sample frames (B, 3, H, W) in [-1, 1] for latents (B, N, D) predicted steps_ahead
-        (an int or a (B,) tensor) model steps ahead; 0 for latents of real frames."""
+    def draw(self, latent, steps, generator=None):             # (B, N, D) -> (B, 3, H, W) in [-1, 1]
         size = self.grid * self.patch_size
-        steps_ahead = torch.as_tensor(steps_ahead, device=latent.device).expand(latent.shape[0])
-        images = rectified_flow_sample(lambda x, t: self.velocity(x, t, latent, steps_ahead),
+        images = rectified_flow_sample(lambda x, t: self.velocity(x, t, latent),
                                        (latent.shape[0], 3, size, size), steps, generator, latent.device)
         return images.clamp(-1, 1)
 
@@ -523,15 +515,14 @@ class WorldModel(nn.Module):
         world_loss = jepa_loss(predictions, targets).mean()
         # Step 2b: the decoder learns to draw one future frame per window from a detached latent
         # (no decoder gradient reaches the JEPA: DINO-WM and LeWM plan worse when it does).
-        # Some examples get the predictor's own output instead of the target latent, so the
-        # decoder also learns to draw the true frame from the imperfect latents of a rollout.
+        # With decoder_on_predicted > 0, that share of examples gets the predictor's own output
+        # instead of the target latent: the imperfect latents the decoder sees in rollouts.
         B, R = actions.shape[:2]
         rows, step = torch.arange(B, device=frames.device), torch.randint(R, (B,), device=frames.device)
         use_predicted = torch.rand(B, device=frames.device) < self.cfg.decoder_on_predicted
         condition = torch.where(use_predicted[:, None, None], predictions[rows, step], targets[rows, step]).detach()
-        steps_ahead = torch.where(use_predicted, step + 1, 0)
         image = normalize_frames(frames[rows, step + 1], self.cfg.image_size)        # (B, 3, H, W)
-        decoder_losses, t = rectified_flow_loss(lambda x, t: self.decoder(x, t, condition, steps_ahead), image)
+        decoder_losses, t = rectified_flow_loss(lambda x, t: self.decoder(x, t, condition), image)
         info = {"world_loss": world_loss.detach(), "decoder_losses": decoder_losses.detach(), "decoder_t": t}
         return world_loss + decoder_losses.mean(), info
 
@@ -675,9 +666,8 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, sample_st
         with autocast:
             targets = model.encode_target(f)                                # (b, H+1, N, D)
             predicted = model.rollout(model.encode(f[:, :1])[:, 0], a)      # (b, H, N, D)
-            steps_ahead = torch.arange(1, horizon + 1, device=device).repeat(len(f))     # h of each image
-            drawn = model.decoder.draw(predicted.flatten(0, 1), sample_steps, generator, steps_ahead)
-            mean = model.decoder.draw(predicted.flatten(0, 1), 1, generator, steps_ahead)
+            drawn = model.decoder.draw(predicted.flatten(0, 1), sample_steps, generator)
+            mean = model.decoder.draw(predicted.flatten(0, 1), 1, generator)
             reconstructed = model.decoder.draw(targets[:, 1:].flatten(0, 1), sample_steps, generator)
         truth = normalize_frames(f[:, 1:], model.cfg.image_size)           # (b, H, 3, h, w)
         start = normalize_frames(f[:, :1], model.cfg.image_size)           # (b, 1, 3, h, w)

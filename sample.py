@@ -234,8 +234,7 @@ def main(argv=None):
             panels, labels, panel_actions = [truth], ["true future"], [recorded_rows]
             for label, window_actions, rows in runs:
                 predicted = model.rollout(start_latent, window_actions.to(device))[0]
-                steps_ahead = torch.arange(1, args.horizon + 1, device=device)
-                drawn = to_pixels(model.decoder.draw(predicted, sample_steps, noise, steps_ahead))
+                drawn = to_pixels(model.decoder.draw(predicted, sample_steps, noise))
                 panels.append(np.concatenate([truth[:1], drawn]))
                 labels.append(label)
                 panel_actions.append(rows)

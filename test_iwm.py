@@ -559,13 +559,12 @@ def test_decoder_draws_each_latent_token_into_its_own_patch():
     decoder = iwm.Decoder(cfg)
     randomize_zero_inits(decoder)
     noisy, t, latent = torch.randn(1, 3, 32, 32), torch.full((1,), 0.5), torch.randn(1, 16, 32)
-    ahead = torch.zeros(1, dtype=torch.long)
-    base = decoder(noisy, t, latent, ahead)
+    base = decoder(noisy, t, latent)
     assert base.shape == (1, 3, 32, 32)
     for token in [0, 5, 10, 15]:
         changed = latent.clone()
         changed[0, token] += 3.0
-        change_per_patch = decoder.patchify(decoder(noisy, t, changed, ahead) - base).abs().sum(-1)[0]
+        change_per_patch = decoder.patchify(decoder(noisy, t, changed) - base).abs().sum(-1)[0]
         assert change_per_patch.argmax() == token      # patch 5 = row 1, column 1 of the 4x4 grid
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(decoder.unpatchify(decoder.patchify(images)), images)
