@@ -486,8 +486,10 @@ class World:
 
     def _attack(self, held):
         """Holding attack for BREAK_TICKS on the same block breaks it: a visible action effect."""
-        hit = self.cast(self.eye(), self.view_axes()[0][None], max_distance=REACH)
-        target = None if hit["distance"][0] == np.inf else (int(hit["x"][0]), int(hit["z"][0]), bool(hit["leaf"][0]))
+        hit = self.cast(self.eye(), self.view_axes()[0][None], max_distance=REACH)  # the crosshair's ray
+        target = None
+        if hit["distance"][0] < np.inf:
+            target = (int(hit["x"][0]), int(hit["z"][0]), bool(hit["leaf"][0]))
         if not held or target is None or target != self.break_target:
             self.breaking, self.break_target = 0, target
         if held and target is not None:
@@ -581,9 +583,13 @@ class World:
             going_x = next_x[live] < next_z[live]
             gone = hit | (t1 > max_distance) | ((y1 > MAX_HEIGHT) & (dy >= 0))
             live, going_x = live[~gone], going_x[~gone]
-            ax, az = live[going_x], live[~going_x]
-            t_in[ax], cell_x[ax], next_x[ax], side[ax] = next_x[ax], cell_x[ax] + step_x[ax], next_x[ax] + delta_x[ax], 2
-            t_in[az], cell_z[az], next_z[az], side[az] = next_z[az], cell_z[az] + step_z[az], next_z[az] + delta_z[az], 3
+            ax, az = live[going_x], live[~going_x]       # rays crossing an x border, a z border
+            t_in[ax], t_in[az] = next_x[ax], next_z[az]
+            cell_x[ax] += step_x[ax]
+            cell_z[az] += step_z[az]
+            next_x[ax] += delta_x[ax]
+            next_z[az] += delta_z[az]
+            side[ax], side[az] = 2, 3
         return out
 
     def sky(self, directions):
@@ -607,13 +613,18 @@ class World:
         """Color of each hit face: block type by height in its column, face shading, grain."""
         x, y, z, face = hit["x"], hit["y"], hit["z"], hit["face"]
         top, height = self.top[x, z], self.height[x, z]
-        kind = np.where(y >= self.log_from[x, z], LOG,
-               np.where(y >= height - 1, top,
-               np.where((y >= height - 4) & (top != STONE) & (top != SNOW), np.where(top == SAND, SAND, DIRT), STONE)))
+        # Stone underneath, 3 blocks of soil under the top block (sand under sand, else dirt),
+        # the column's top block, and tree trunks (logs) from where they start.
+        kind = np.full(len(x), STONE)
+        soil = (y >= height - 4) & (top != STONE) & (top != SNOW)
+        kind[soil] = np.where(top == SAND, SAND, DIRT)[soil]
+        kind[y >= height - 1] = top[y >= height - 1]
+        kind[y >= self.log_from[x, z]] = LOG
         point = eye + hit["distance"][:, None] * directions
-        # Grass blocks have a green fringe on the top quarter of their sides, dirt below.
-        fringe = (kind == GRASS) & (face >= 2) & (point[:, 1] - y < 0.75)
-        kind = np.where(hit["leaf"], LEAVES, np.where(fringe, DIRT, kind))
+        # Grass blocks have a green fringe on the top quarter of their sides, dirt below it.
+        below_fringe = (kind == GRASS) & (face >= 2) & (point[:, 1] - y < 0.75)
+        kind[below_fringe] = DIRT
+        kind[hit["leaf"]] = LEAVES
         # 4x4 texels per face, each with its own brightness (Minecraft's 16x16 textures, coarser)
         u = np.where(face >= 2, np.where(face == 2, point[:, 2], point[:, 0]), point[:, 0])
         v = np.where(face >= 2, point[:, 1], point[:, 2])
