@@ -715,8 +715,8 @@ def save_checkpoint(path, model, optimizer, scaler, step, cfg, generator):
 
 def load_checkpoint(path):
     if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no checkpoint there (train without --resume first, "
-                              "or point --out_dir at the run folder)")
+        raise CheckpointError(f"{path}: no checkpoint there (train one first with `python iwm.py`, "
+                              "or give the path of the run's ckpt.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

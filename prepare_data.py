@@ -33,7 +33,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import zlib
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 
@@ -310,7 +309,7 @@ def load_dataset(data_dir):
     index_path = os.path.join(data_dir, "index.json")
     if not os.path.exists(index_path):
         raise FileNotFoundError(f"{index_path} not found: prepare a dataset first, e.g. "
-                                "`python prepare_data.py --synthetic 48`")
+                                "`python prepare_data.py --synthetic 64`")
     with open(index_path) as f:
         index = json.load(f)
     episodes = []

@@ -223,7 +223,7 @@ def test_builtin_episodes_are_written_like_vpt_and_convert_with_state(builtin_ra
 
 def test_world_physics_walk_turn_and_gravity():
     world = pd.World(3)
-    start, yaw = world.pos.copy(), world.yaw
+    yaw = world.yaw
     world.step(pd.PlayerInput(dx=600))                     # 600 units = 90 degrees right
     assert world.yaw == pytest.approx(yaw + 90)
     world.pitch = 0
