@@ -479,17 +479,19 @@ class WorldModel(nn.Module):
         self.target_encoder.eval()   # important! the target is always in eval mode
         return self
 
-    def encode(self, frames):                                  # (B, S, H, W, 3) uint8
-        """Online-encoder latents of each frame."""
+    def _encode_with(self, encoder, frames):                   # (B, S, H, W, 3) uint8
         B, S = frames.shape[:2]
         x = normalize_frames(frames, self.cfg.image_size)       # (B, S, 3, H, W)
-        return self.encoder(x.flatten(0, 1)).unflatten(0, (B, S))   # (B, S, N, D)
+        return encoder(x.flatten(0, 1)).unflatten(0, (B, S))    # (B, S, N, D)
+
+    def encode(self, frames):
+        """Online-encoder latents of each frame: (B, S, N, D)."""
+        return self._encode_with(self.encoder, frames)
 
     @torch.no_grad()
-    def encode_target(self, frames):                           # (B, S, H, W, 3) uint8
-        B, S = frames.shape[:2]
-        x = normalize_frames(frames, self.cfg.image_size)
-        return self.target_encoder(x.flatten(0, 1)).unflatten(0, (B, S))   # (B, S, N, D)
+    def encode_target(self, frames):
+        """Target-encoder latents of each frame: (B, S, N, D), never with a gradient."""
+        return self._encode_with(self.target_encoder, frames)
 
     def predict_next(self, latent, actions):                   # (B, N, D), (B, K, A)
         """One model step: the latent of the frame frame_skip frames later."""
@@ -643,6 +645,9 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, sample_st
     horizon = actions.shape[1]
     predicted_error, copy_error, shuffled_error = torch.zeros(3, horizon)
     target_std = []
+    psnr_sums = {key: torch.zeros(horizon) for key in
+                 ("psnr_prediction", "psnr_prediction_mean", "psnr_reconstruction", "psnr_repeat_start")}
+    generator = torch.Generator(device).manual_seed(0)          # the same noise every eval
     for i in range(0, len(frames), chunk):
         f, a = frames[i:i + chunk].to(device), actions[i:i + chunk].to(device)
         with autocast:
@@ -655,28 +660,37 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, sample_st
         copy_error += jepa_loss(targets[:, :1], future).mean(-1).sum(0).cpu()   # "nothing changes"
         shuffled_error += jepa_loss(shuffled, future).mean(-1).sum(0).cpu()
         target_std.append(targets[:, 0].std(dim=0).mean().item())           # across the batch
+        drawn_here = min(max(psnr_windows - i, 0), len(f))                  # of this chunk's windows
+        if drawn_here:
+            sums = decoded_psnr(model, f[:drawn_here], targets[:drawn_here], predicted[:drawn_here],
+                                autocast, sample_steps, generator)
+            for key in psnr_sums:
+                psnr_sums[key] += sums[key]
     n = len(frames)
     metrics = {"val_loss": (predicted_error[:model.cfg.rollout].sum() / n / model.cfg.rollout).item(),
                "pred_copy": (predicted_error / copy_error).tolist(),
                "action_sensitivity": (shuffled_error.sum() / predicted_error.sum()).item(),
                "target_std": float(np.mean(target_std))}
     if psnr_windows:
-        f, a = frames[:psnr_windows].to(device), actions[:psnr_windows].to(device)
-        generator = torch.Generator(device).manual_seed(0)      # the same noise every eval
-        with autocast:
-            targets = model.encode_target(f)                                # (b, H+1, N, D)
-            predicted = model.rollout(model.encode(f[:, :1])[:, 0], a)      # (b, H, N, D)
-            drawn = model.decoder.draw(predicted.flatten(0, 1), sample_steps, generator)
-            mean = model.decoder.draw(predicted.flatten(0, 1), 1, generator)
-            reconstructed = model.decoder.draw(targets[:, 1:].flatten(0, 1), sample_steps, generator)
-        truth = normalize_frames(f[:, 1:], model.cfg.image_size)           # (b, H, 3, h, w)
-        start = normalize_frames(f[:, :1], model.cfg.image_size)           # (b, 1, 3, h, w)
-        metrics["psnr_prediction"] = psnr(drawn.unflatten(0, (len(f), horizon)), truth).mean(0).tolist()
-        metrics["psnr_prediction_mean"] = psnr(mean.unflatten(0, (len(f), horizon)), truth).mean(0).tolist()
-        metrics["psnr_reconstruction"] = psnr(reconstructed.unflatten(0, (len(f), horizon)), truth).mean(0).tolist()
-        metrics["psnr_repeat_start"] = psnr(start, truth).mean(0).tolist()
+        metrics.update({key: (total / min(psnr_windows, n)).tolist() for key, total in psnr_sums.items()})
     model.train(was_training)
     return metrics
+
+
+def decoded_psnr(model, frames, targets, predicted, autocast, sample_steps, generator):
+    """Per-horizon PSNR sums over these windows (b of them) of the decoded prediction (sampled
+    and 1-step mean), the reconstruction, and repeating the start frame, against the truth."""
+    b, horizon = predicted.shape[:2]
+    with autocast:
+        drawn = model.decoder.draw(predicted.flatten(0, 1), sample_steps, generator)
+        mean = model.decoder.draw(predicted.flatten(0, 1), 1, generator)
+        reconstructed = model.decoder.draw(targets[:, 1:].flatten(0, 1), sample_steps, generator)
+    truth = normalize_frames(frames[:, 1:], model.cfg.image_size)          # (b, H, 3, h, w)
+    start = normalize_frames(frames[:, :1], model.cfg.image_size)          # (b, 1, 3, h, w)
+    return {"psnr_prediction": psnr(drawn.unflatten(0, (b, horizon)), truth).sum(0),
+            "psnr_prediction_mean": psnr(mean.unflatten(0, (b, horizon)), truth).sum(0),
+            "psnr_reconstruction": psnr(reconstructed.unflatten(0, (b, horizon)), truth).sum(0),
+            "psnr_repeat_start": psnr(start, truth).sum(0)}
 
 
 def format_eval(step, metrics):
@@ -742,19 +756,19 @@ def load_world_model(model, path):
     and are frozen; the decoder (whatever its size) starts fresh."""
     state = load_checkpoint(path)
     check_same_model(state["config"], model.cfg, path, WORLD_MODEL_FIELDS)
-    world = {k: v for k, v in state["model"].items() if not k.startswith("decoder.")}
-    missing, unexpected = model.load_state_dict(world, strict=False)
-    if unexpected or any(not k.startswith("decoder.") for k in missing):
-        raise CheckpointError(f"{path} does not fit this world model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
+    load_model_state(model, state, path, without_decoder=True)
     for part in (model.encoder, model.action_conditioner, model.predictor):
         part.requires_grad_(False)
     print(f"world model loaded from {path} and frozen; training only the decoder")
 
 
-def load_model_state(model, state, path):
-    """Load weights, or say which parameters are missing, unexpected or of another shape."""
-    expected, saved = model.state_dict(), state["model"]
+def load_model_state(model, state, path, without_decoder=False):
+    """Load weights, or say which parameters are missing, unexpected or of another shape.
+    With without_decoder, the decoder's weights are neither loaded nor checked."""
+    def kept(weights):
+        return {k: v for k, v in weights.items() if not (without_decoder and k.startswith("decoder."))}
+
+    expected, saved = kept(model.state_dict()), kept(state["model"])
     problems = [f"missing {k}" for k in expected if k not in saved]
     problems += [f"unexpected {k}" for k in saved if k not in expected]
     problems += [f"{k} is {tuple(saved[k].shape)} in the checkpoint, {tuple(v.shape)} here"
@@ -763,7 +777,7 @@ def load_model_state(model, state, path):
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointError(f"{path} does not fit this model: {'; '.join(problems[:3])}{more}. "
                               "Was it written by another version of iwm.py?")
-    model.load_state_dict(saved)
+    model.load_state_dict(saved, strict=not without_decoder)
 
 
 # -----------------------------------------------------------------------------

@@ -53,13 +53,18 @@ SCRIPTS = {
 }
 
 
-def scripted_window_actions(episode, start, script, cfg, horizon):
-    """Action windows (horizon, K, A) for a rollout from `start` under a script: the recorded
-    history before the start (what really happened), the script from the start on."""
+def script_rows(script, n):
+    """The per-frame action rows (n, A) of a script."""
+    return np.stack([SCRIPTS[script](i, n) for i in range(n)])
+
+
+def scripted_window_actions(episode, start, rows, cfg, horizon):
+    """Action windows (horizon, K, A) for a rollout from `start` under scripted per-frame rows:
+    the recorded history before the start (what really happened), the script from the start on."""
     n = horizon * cfg.frame_skip
     actions = np.array(episode["actions"][:start + n], np.float32)
     actions = np.concatenate([actions, np.zeros((start + n - len(actions), actions.shape[1]), np.float32)])
-    actions[start:start + n] = np.stack([SCRIPTS[script](i, n) for i in range(n)])
+    actions[start:start + n] = rows
     return np.stack([iwm.action_window(actions, start + (k + 1) * cfg.frame_skip, cfg.action_window)
                      for k in range(horizon)])
 
@@ -228,9 +233,11 @@ def main(argv=None):
             f = frames.to(device)
             start_latent = model.encode(f[:, :1])[:, 0]
             truth = to_pixels(iwm.normalize_frames(f[0], cfg.image_size))
-            runs = [("predicted", recorded, recorded_rows)] + [
-                (script, torch.from_numpy(scripted_window_actions(episode, start, script, cfg, args.horizon))[None],
-                 np.stack([SCRIPTS[script](j, n_frames) for j in range(n_frames)])) for script in scripts]
+            runs = [("predicted", recorded, recorded_rows)]
+            for script in scripts:
+                rows = script_rows(script, n_frames)
+                windows = scripted_window_actions(episode, start, rows, cfg, args.horizon)
+                runs.append((script, torch.from_numpy(windows)[None], rows))
             panels, labels, panel_actions = [truth], ["true future"], [recorded_rows]
             for label, window_actions, rows in runs:
                 predicted = model.rollout(start_latent, window_actions.to(device))[0]
