@@ -140,6 +140,13 @@ def draw_cursor(frame_bgr, x, y):
     cv2.polylines(frame_bgr, [points], True, (0, 0, 0), 1)
 
 
+def dataset_frame(frame_bgr, res):
+    """A video frame as the dataset stores it: squashed to res x res, RGB. INTER_AREA averages
+    the pixels a target pixel covers; INTER_LINEAR (OpenAI's choice for 128) aliases badly when
+    shrinking 640 wide to 64."""
+    return np.ascontiguousarray(cv2.resize(frame_bgr, (res, res), interpolation=cv2.INTER_AREA)[:, :, ::-1])
+
+
 def read_frames(video_path, lines, res):
     """Decode the video, draw the cursor on GUI-open frames, squash to res x res RGB.
 
@@ -166,10 +173,7 @@ def read_frames(video_path, lines, res):
             line = lines[count]
             if line.get("isGuiOpen") and (line.get("mouse") or {}).get("x") is not None:
                 draw_cursor(frame, line["mouse"]["x"], line["mouse"]["y"])
-            # INTER_AREA averages the pixels a target pixel covers; INTER_LINEAR (OpenAI's
-            # choice for 128) aliases badly when shrinking 640 wide to 64.
-            small = cv2.resize(frame, (res, res), interpolation=cv2.INTER_AREA)
-            frames[count] = small[:, :, ::-1]  # BGR -> RGB
+            frames[count] = dataset_frame(frame, res)
         count += 1
     capture.release()
     if count not in (len(lines), len(lines) + 1):
@@ -334,6 +338,7 @@ SEA_LEVEL = 10            # columns below this are filled with water up to it
 MAX_HEIGHT = 40           # no block is higher; a ray climbing above this sees only sky
 VIEW_DISTANCE = 36.0      # blocks; the fog hides where rays stop
 FOG_START = 12.0          # blocks; fog thickens linearly from here to VIEW_DISTANCE
+HAZE = 0.25               # even near blocks are seen through this much haze
 FOV_Y = math.radians(70)  # Minecraft's default vertical field of view
 EYE_HEIGHT = 1.62         # blocks above the feet, as in Minecraft
 RENDER_SIZE = (96, 54)    # internal render (w, h), 16:9, upscaled to 640x360: rendering is
@@ -350,8 +355,10 @@ GRASS, DIRT, STONE, SAND, WATER, LOG, LEAVES, SNOW = range(8)
 BLOCK_RGB = np.array([[95, 159, 53], [134, 96, 67], [125, 125, 125], [219, 207, 163],
                       [52, 88, 210], [102, 81, 51], [58, 120, 38], [240, 245, 250]],
                      np.float32) / 255
-# Minecraft shades faces by their direction: top, bottom, sides facing x, sides facing z
-FACE_SHADE = np.array([1.0, 0.5, 0.8, 0.65], np.float32)
+# Minecraft shades faces by their direction: top, bottom, then sides. Our sides are lit by the
+# sun (brightest facing it), so which sides a view shows tells the compass direction.
+FACE_SHADE = np.array([1.0, 0.5], np.float32)
+SUN_AZIMUTH = math.atan2(SUN_DIRECTION[0], SUN_DIRECTION[2])   # radians; yaw 0 faces +z
 HOTBAR_ITEM_RGB = [(200, 60, 60), (60, 160, 60), (70, 90, 200), (220, 200, 60), (160, 80, 200),
                    (60, 190, 190), (230, 130, 40), (240, 240, 240), (110, 70, 40)]
 
@@ -592,12 +599,15 @@ class World:
         return out
 
     def sky(self, directions):
-        """Sky color per ray: a gradient brighter towards the sun, the sun, and a ring of distant
-        mountains whose outline depends on the compass direction, so yaw is visible in one frame."""
+        """Sky color per ray: the horizon (and so the fog) tinted by compass direction, like a
+        sky late in the day (warm towards the sun, cooler away from it, violet to its right), the
+        sun, and a ring of distant mountains whose outline depends on the compass direction."""
         elevation = np.arcsin(np.clip(directions[:, 1], -1, 1))
         azimuth = np.arctan2(directions[:, 0], directions[:, 2])
         toward_sun = directions @ SUN_DIRECTION
-        horizon = np.array([0.75, 0.85, 1.0]) + 0.15 * np.clip(toward_sun, 0, 1)[:, None] * np.array([1.0, 0.4, -0.6])
+        horizon = (np.array([0.72, 0.8, 0.92])
+                   + 0.2 * np.cos(azimuth - SUN_AZIMUTH)[:, None] * np.array([1.0, 0.45, -0.5])
+                   + 0.15 * np.sin(azimuth - SUN_AZIMUTH)[:, None] * np.array([0.45, -0.35, 0.3]))
         zenith = np.array([0.35, 0.55, 0.95])
         mix = np.clip(elevation / 0.6, 0, 1)[:, None]
         color = horizon * (1 - mix) + zenith * mix
@@ -628,7 +638,19 @@ class World:
         u = np.where(face >= 2, np.where(face == 2, point[:, 2], point[:, 0]), point[:, 0])
         v = np.where(face >= 2, point[:, 1], point[:, 2])
         grain = hash_noise(x, y, z, np.floor(u * 4), np.floor(v * 4))
-        return BLOCK_RGB[kind] * (FACE_SHADE[face] * (0.82 + 0.3 * grain))[:, None]
+        return BLOCK_RGB[kind] * (self.face_shade(face, directions) * (0.82 + 0.3 * grain))[:, None]
+
+    @staticmethod
+    def face_shade(face, directions):
+        """Top and bottom faces as in Minecraft; a side face by where its normal points: 0.8 on
+        average, brighter towards the sun, a little brighter 90 degrees to the sun's left. The
+        four sides differ, so the terrain itself shows which way the player faces."""
+        side_x = np.where(face == 2, -np.sign(directions[:, 0]), 0.0)   # a side's outward normal
+        side_z = np.where(face == 3, -np.sign(directions[:, 2]), 0.0)
+        normal_azimuth = np.arctan2(side_x, side_z)
+        side = (0.8 + 0.15 * np.cos(normal_azimuth - SUN_AZIMUTH)
+                + 0.07 * np.sin(normal_azimuth - SUN_AZIMUTH))
+        return np.where(face >= 2, side, FACE_SHADE[np.minimum(face, 1)]).astype(np.float32)
 
     def frame(self):
         """Render what the player sees: a 640x360 BGR uint8 image with the game's HUD."""
@@ -645,7 +667,9 @@ class World:
         color, horizon = self.sky(directions)
         hit = self.cast(eye, directions)
         solid = hit["distance"] < np.inf
-        fog = np.clip((hit["distance"][solid] - FOG_START) / (VIEW_DISTANCE - FOG_START), 0, 1)[:, None]
+        # Haze: fog thickens from FOG_START to VIEW_DISTANCE, and a thin haze (HAZE) lies over
+        # everything, coloured like the horizon it is seen against (so by compass direction).
+        fog = np.clip((hit["distance"][solid] - FOG_START) / (VIEW_DISTANCE - FOG_START), HAZE, 1)[:, None]
         solid_hit = {key: value[solid] for key, value in hit.items()}
         block = self.block_colors(solid_hit, directions[solid], eye)
         color[solid] = block * (1 - fog) + horizon[solid] * fog
