@@ -32,16 +32,20 @@ Commands:
     python iwm.py --steps 1500                  # train (tiny preset on CPU, base on a GPU)
     python iwm.py --steps 3000 --resume         # continue the run in --out_dir up to step 3000
     python iwm.py --decoder_only runs/iwm/ckpt.pt --steps 1500   # a new decoder, frozen world model
+    python iwm.py --size base --bench 20        # time 20 steps on random data: FLOP/s, memory
+    torchrun --nproc_per_node=4 iwm.py --steps 3000   # one process per GPU (DistributedDataParallel)
     python iwm.py --help                        # every flag, generated from Config below
 
 Reading order: config -> helpers -> attention and blocks -> encoder -> action conditioner ->
 predictor -> diffusion decoder -> world model, loss and EMA -> data -> evaluation ->
-checkpoints -> training -> main.
+using the world model (probes, surprise, CEM planning) -> checkpoints -> training (with
+torchrun) -> benchmark -> main.
 """
 import argparse
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -52,7 +56,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from prepare_data import ACTION_COLUMNS, load_dataset
@@ -104,6 +111,10 @@ class Config:
     decoder_only: str = ""           # a world-model checkpoint: freeze it, train only the decoder
     sample_steps: int = 10           # Euler steps when the decoder draws a frame (more: slower, finer)
     dtype: str = "auto"              # float32 | bfloat16 | float16 (autocast); auto: see choose_dtype
+    grad_ckpt: bool = False          # activation checkpointing: recompute each block's activations
+                                     # in the backward pass instead of storing them (less memory)
+    compile: bool = False            # torch.compile each part (slow first steps, then faster)
+    bench: int = 0                   # > 0: time this many training steps on random data and exit
     device: str = "auto"             # cpu | cuda | auto
     seed: int = 0
     # --- evaluation, logging, checkpoints ---
@@ -230,6 +241,18 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def run_blocks(blocks, x, *context, checkpoint=False):
+    """x through each block in turn. With checkpoint (--grad_ckpt), a block keeps only its input
+    for the backward pass and recomputes the rest there: activation memory drops to about one
+    tensor per block, for about a third more compute."""
+    for block in blocks:
+        if checkpoint and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(block, x, *context, use_reentrant=False)
+        else:
+            x = block(x, *context)
+    return x
+
+
 # -----------------------------------------------------------------------------
 # Encoder: one frame -> latent tokens
 
@@ -249,12 +272,12 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.encoder_mlp_ratio)
                                     for _ in range(cfg.encoder_depth))
         self.norm = nn.LayerNorm(cfg.width, elementwise_affine=False)
+        self.grad_ckpt = cfg.grad_ckpt
 
     def forward(self, images):                                  # (B, 3, H, W) in [-1, 1]
         x = self.patch_embed(images)                            # (B, D, H/p, W/p)
         x = x.flatten(2).transpose(1, 2) + self.positions       # (B, N, D)
-        for block in self.blocks:
-            x = block(x)
+        x = run_blocks(self.blocks, x, checkpoint=self.grad_ckpt)
         return self.norm(x)                                     # (B, N, D)
 
 
@@ -272,13 +295,12 @@ class ActionConditioner(nn.Module):
         self.action_positions = nn.Parameter(torch.randn(cfg.action_window, cfg.width) * 0.02)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.conditioner_mlp_ratio, cross=True)
                                     for _ in range(cfg.conditioner_depth))
+        self.grad_ckpt = cfg.grad_ckpt
 
     def forward(self, tokens, actions):                        # (B, N, D), (B, K, A) raw actions
         a = self.action_embed(scale_actions(actions))          # (B, K, D)
         a = a + self.action_positions                          # (B, K, D)
-        for block in self.blocks:
-            tokens = block(tokens, a)                          # (B, N, D)
-        return tokens
+        return run_blocks(self.blocks, tokens, a, checkpoint=self.grad_ckpt)   # (B, N, D)
 
 
 # -----------------------------------------------------------------------------
@@ -298,11 +320,11 @@ class Predictor(nn.Module):
         # latent), the baseline every result is compared with, and learns the change from there.
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.grad_ckpt = cfg.grad_ckpt
 
     def forward(self, conditioned, latent):                    # (B, N, D), (B, N, D)
         x = conditioned + self.positions                       # (B, N, D)
-        for block in self.blocks:
-            x = block(x)
+        x = run_blocks(self.blocks, x, checkpoint=self.grad_ckpt)
         return latent + self.head(self.norm(x))                # (B, N, D)
 
 
@@ -398,6 +420,7 @@ class Decoder(nn.Module):
         # keep most of their patch linearly (a least-squares readout alone reaches ~33 dB), so
         # this skip draws the picture at once and the blocks learn the rest from the noisy input.
         self.readout = nn.Linear(cfg.width, 3 * p * p)
+        self.grad_ckpt = cfg.grad_ckpt
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -430,8 +453,7 @@ class Decoder(nn.Module):
         x = self.patch_in(self.patchify(noisy))                # (B, N, E)
         x = x + self.latent_in(latent) + self.positions        # (B, N, E) patch i gets token i
         c = self.time_mlp(timestep_embedding(t, 256)) + self.latent_pool(latent.mean(dim=1))   # (B, E)
-        for block in self.blocks:
-            x = block(x, c)                                    # (B, N, E)
+        x = run_blocks(self.blocks, x, c, checkpoint=self.grad_ckpt)   # (B, N, E)
         shift, scale = self.final_modulation(c).chunk(2, dim=1)
         x = self.patch_out(modulate(self.final_norm(x), shift, scale)) + self.readout(latent)  # (B, N, p*p*3)
         return self.unpatchify(x)                              # (B, 3, H, W) predicted clean image
@@ -710,6 +732,115 @@ def format_eval(step, metrics):
 
 
 # -----------------------------------------------------------------------------
+# Using the world model: linear probes, surprise, and planning in latent space
+
+
+POOLINGS = ["mean", "rows+columns"]
+
+
+@torch.no_grad()
+def pooled_latents(model, frames, chunk=256):
+    """Feature vectors per frame for probes, two ways: "mean", the encoder's tokens averaged
+    over the image (D features); "rows+columns", averaged along each row and along each column
+    of the token grid and concatenated (2 * grid * D), which keeps where things are along one
+    axis (the horizon's height, say). frames (n, H, W, 3) uint8 -> {pooling: (n, features)}."""
+    device = next(model.parameters()).device
+    pooled = {name: [] for name in POOLINGS}
+    for i in range(0, len(frames), chunk):
+        tokens = model.encode(torch.as_tensor(frames[i:i + chunk])[None].to(device))[0].float().cpu()
+        grid = tokens.unflatten(1, (model.cfg.image_size // model.cfg.patch_size, -1))   # (n, g, g, D)
+        pooled["mean"].append(tokens.mean(dim=1))
+        pooled["rows+columns"].append(torch.cat([grid.mean(dim=2).flatten(1), grid.mean(dim=1).flatten(1)], dim=1))
+    return {name: torch.cat(parts) for name, parts in pooled.items()}
+
+
+def fit_ridge(features, targets, l2=1e-3):
+    """Linear (ridge) regression on standardised features, solved in closed form:
+    W = (X^T X + l2 n I)^-1 X^T (Y - mean Y). Returns a function features -> predictions."""
+    features, targets = features.double(), targets.double()
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    x = (features - mean) / std
+    offset = targets.mean(0)
+    eye = torch.eye(x.shape[1], dtype=x.dtype)
+    weights = torch.linalg.solve(x.T @ x + l2 * len(x) * eye, x.T @ (targets - offset))
+    return lambda new: ((new.double() - mean) / std) @ weights + offset
+
+
+def r_squared(predicted, targets):
+    """Per column: 1 - squared error / variance. 1 is perfect; 0 is no better than the mean."""
+    targets = targets.double()
+    return 1 - (predicted - targets).pow(2).sum(0) / (targets - targets.mean(0)).pow(2).sum(0)
+
+
+@torch.no_grad()
+def surprise(model, frames, actions):
+    """How wrong the one-step prediction is at each model step of an episode: frames
+    (T+1, H, W, 3), actions (T, K, A) -> (T,) per-token MSE between the prediction from frame t
+    and the target latent of frame t+1. A spike means something the actions cannot explain."""
+    latents, targets = model.encode(frames[None])[0], model.encode_target(frames[None])[0]
+    return jepa_loss(model.predict_next(latents[:-1], actions), targets[1:]).mean(dim=-1)
+
+
+def cem(cost, mean, std, low, high, iterations=6, population=32, elites=6, correlation=0.0, generator=None):
+    """The cross-entropy method: minimise cost over a box [low, high]. Sample a population
+    around mean (Gaussian, std), score every sample, refit mean and std to the best `elites`,
+    repeat. cost maps (population, *mean.shape) samples to (population,) costs. With
+    correlation > 0 the noise is correlated along the first axis (time, for action sequences):
+    each sample shares one offset across it, so steady turns are drawn as often as jittery ones.
+    Returns the final mean (the plan) and the best sample's cost."""
+    for _ in range(iterations):
+        shared = torch.randn((population, 1, *mean.shape[1:]), generator=generator)
+        own = torch.randn((population, *mean.shape), generator=generator)
+        noise = correlation * shared + math.sqrt(1 - correlation ** 2) * own     # still unit variance
+        samples = torch.maximum(torch.minimum(mean + std * noise, high), low)
+        samples[0] = mean                                       # keep the current plan in the running
+        costs = cost(samples)
+        best = samples[costs.argsort()[:elites]]
+        mean, std = best.mean(dim=0), best.std(dim=0)
+    return mean, costs.min().item()
+
+
+# What the planner controls, per model step (each held for frame_skip frames): camera yaw and
+# pitch in degrees per frame, and the forward key (pressed when > 0.5). The box keeps turns
+# within what the training data shows (about 100 degrees per second at most).
+PLAN_CONTROLS = ["camera_yaw", "camera_pitch", "forward"]
+PLAN_LOW, PLAN_HIGH = torch.tensor([-5.0, -3.0, 0.0]), torch.tensor([5.0, 3.0, 1.0])
+
+
+def controls_to_rows(controls, frame_skip):
+    """(..., T, 3) planner controls -> (..., T * frame_skip, A) per-frame action rows."""
+    rows = torch.zeros(*controls.shape[:-1], len(ACTION_COLUMNS))
+    for i, name in enumerate(PLAN_CONTROLS):
+        value = controls[..., i]
+        rows[..., ACTION_COLUMNS.index(name)] = (value > 0.5).float() if name == "forward" else value
+    return rows.repeat_interleave(frame_skip, dim=-2)
+
+
+@torch.no_grad()
+def imagine(model, latent, history, rows):
+    """Roll out planned per-frame action rows (P, T * frame_skip, A) from one latent (N, D),
+    given the K recorded rows before it, history (K, A). Returns latents (P, T, N, D)."""
+    K, skip = history.shape[0], model.cfg.frame_skip
+    rows = torch.cat([history.expand(len(rows), -1, -1), rows], dim=1)
+    steps = (rows.shape[1] - K) // skip
+    windows = torch.stack([rows[:, (k + 1) * skip:(k + 1) * skip + K] for k in range(steps)], dim=1)
+    return model.rollout(latent.expand(len(rows), -1, -1), windows.to(latent.device))
+
+
+def plan(model, latent, goal, history, horizon, init=None, generator=None, correlation=0.9, **cem_options):
+    """Controls (horizon, 3) whose imagined last latent is closest to the goal latent (N, D).
+    init: a previous plan to start from (model-predictive control shifts and reuses it).
+    correlation 0.9 (time-correlated samples) took turning goals from 60% to 90% in 20 trials."""
+    def cost(controls):
+        final = imagine(model, latent, history, controls_to_rows(controls, model.cfg.frame_skip))[:, -1]
+        return jepa_loss(final, goal.expand_as(final)).mean(dim=-1).float().cpu()
+
+    mean = (PLAN_LOW + PLAN_HIGH).expand(horizon, -1) / 2 if init is None else init
+    std = (PLAN_HIGH - PLAN_LOW).expand(horizon, -1) / 2
+    return cem(cost, mean, std, PLAN_LOW, PLAN_HIGH, correlation=correlation, generator=generator, **cem_options)
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints: one self-describing file, written atomically, loadable with weights_only=True
 
 
@@ -717,11 +848,14 @@ class CheckpointError(Exception):
     pass
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, cfg, generator):
+def save_checkpoint(path, model, optimizer, scaler, step, cfg, rng_per_rank, digests=None):
+    """rng_per_rank: each process's random state (torch, sampler, cuda), rank 0's first;
+    digests: each process's weights_digest, kept as a record that the processes agreed."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
-             "rng": {"torch": torch.get_rng_state(), "sampler": generator.get_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+             "rng": rng_per_rank[0]}
+    if len(rng_per_rank) > 1:
+        state["rng_per_rank"], state["rank_digests"] = rng_per_rank, digests
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)      # a crash while saving never touches the last good checkpoint
@@ -835,31 +969,99 @@ def parameter_groups(model, cfg):
     return list(groups.values())
 
 
+class Distributed:
+    """One process per GPU (or CPU process) under torchrun, which sets RANK, WORLD_SIZE and
+    LOCAL_RANK; a plain `python iwm.py` is rank 0 of 1 and nothing here does anything.
+    PyTorch's DistributedDataParallel averages the gradients across processes in backward, so
+    every rank takes the same optimizer step and its weights (and so its EMA target) stay equal."""
+
+    def __init__(self):
+        self.size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank, self.local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+        if self.size > 1:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            if torch.cuda.is_available():
+                torch.cuda.set_device(self.local_rank)
+
+    def device(self, device):
+        return f"cuda:{self.local_rank}" if device == "cuda" and self.size > 1 else device
+
+    def wrap(self, model, device):
+        if self.size == 1:
+            return model
+        return nn.parallel.DistributedDataParallel(model, device_ids=[self.local_rank] if device != "cpu" else None)
+
+    def mean_and_any(self, values, flag):
+        """Average floats over the ranks and OR a flag: one small all-reduce per step, so every
+        rank logs the same loss, sees a NaN together and stops together."""
+        if self.size == 1:
+            return values, flag
+        t = torch.tensor([*values, float(flag)], dtype=torch.float64)
+        dist.all_reduce(t)
+        return [v / self.size for v in t[:-1].tolist()], t[-1].item() > 0
+
+    def gather(self, obj):
+        """A list with every rank's obj (on every rank)."""
+        if self.size == 1:
+            return [obj]
+        objects = [None] * self.size
+        dist.all_gather_object(objects, obj)
+        return objects
+
+    def close(self):
+        if self.size > 1:
+            dist.destroy_process_group()
+
+
+def weights_digest(module):
+    """A fingerprint of a module's exact weights, to check that ranks agree bit for bit."""
+    digest = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def compile_parts(model):
+    """torch.compile each part (each a plain tensor function); the loops around them stay eager."""
+    for part in (model.encoder, model.target_encoder, model.action_conditioner, model.predictor, model.decoder):
+        part.compile()
+
+
 def train(cfg):
-    """Train (or resume) a world model as cfg says. Returns the last evaluation's metrics."""
+    """Train (or resume) a world model as cfg says. Returns (model, the last evaluation's metrics)."""
+    ranks = Distributed()
+    main_rank = ranks.rank == 0
+    say = print if main_rank else (lambda *args, **kwargs: None)      # only rank 0 talks and writes
     device, device_reason = choose_device(cfg)
-    dtype, dtype_reason = choose_dtype(cfg, device)
-    print(f"device: {device} ({device_reason}); precision: {dtype} ({dtype_reason})")
+    device = ranks.device(device)
+    device_type = device.split(":")[0]
+    dtype, dtype_reason = choose_dtype(cfg, device_type)
+    say(f"device: {device} ({device_reason}); precision: {dtype} ({dtype_reason})"
+        + (f"; {ranks.size} processes, {ranks.size * cfg.batch_size * cfg.grad_accum} windows per step"
+           if ranks.size > 1 else ""))
     torch.manual_seed(cfg.seed)
     index, train_episodes, val_episodes = open_dataset(cfg)
     sampler = WindowSampler(train_episodes, cfg.rollout, cfg)
     val_frames, val_actions = WindowSampler(val_episodes, cfg.eval_horizon, cfg).sample(
         cfg.eval_windows, torch.Generator().manual_seed(1234))    # the same windows every time
-    print(f"data: {cfg.data}: {len(train_episodes)} train / {len(val_episodes)} val episodes, "
-          f"{index['resolution']}px" + (f" (resized to {cfg.image_size} on the device)"
-                                        if index["resolution"] != cfg.image_size else ""))
+    say(f"data: {cfg.data}: {len(train_episodes)} train / {len(val_episodes)} val episodes, "
+        f"{index['resolution']}px" + (f" (resized to {cfg.image_size} on the device)"
+                                      if index["resolution"] != cfg.image_size else ""))
 
-    model = WorldModel(cfg).to(device)
+    model = WorldModel(cfg).to(device)      # the same seed, so the same initial weights everywhere
     for part, n in count_parameters(model).items():
-        print(f"  {part}: {n / 1e6:.2f}M parameters")
+        say(f"  {part}: {n / 1e6:.2f}M parameters")
     if cfg.decoder_only:
         load_world_model(model, cfg.decoder_only)
+    if ranks.rank:
+        torch.manual_seed(cfg.seed + ranks.rank)            # each rank its own diffusion noise
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr,
                                   betas=(0.9, 0.95))
-    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)   # a no-op otherwise
-    autocast = (torch.autocast(device, dtype=dtype) if dtype != torch.float32
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)   # a no-op otherwise
+    autocast = (torch.autocast(device_type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
-    generator = torch.Generator().manual_seed(cfg.seed)   # which windows are sampled
+    generator = torch.Generator().manual_seed(cfg.seed + ranks.rank)   # each rank its own windows
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     step = 0
@@ -868,18 +1070,37 @@ def train(cfg):
         load_model_state(model, state, ckpt_path)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        generator.set_state(state["rng"]["sampler"])
-        if device == "cuda" and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        saved_rng = state.get("rng_per_rank", [state["rng"]])      # one per process that saved it
+        if len(saved_rng) != ranks.size:
+            say(f"note: {ckpt_path} was saved by {len(saved_rng)} processes, not {ranks.size}; the random "
+                "streams start afresh (training continues, but not bit for bit as an unbroken run)")
+        else:
+            rng = saved_rng[ranks.rank]
+            torch.set_rng_state(rng["torch"])
+            generator.set_state(rng["sampler"])
+            if device_type == "cuda" and rng["cuda"]:
+                torch.cuda.set_rng_state_all(rng["cuda"])
         step = state["step"]
-        print(f"resumed from {ckpt_path} at step {step}")
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
+        say(f"resumed from {ckpt_path} at step {step}")
+    if cfg.compile:
+        compile_parts(model)
+    trained = ranks.wrap(model, device)                     # model itself on one process
+    log = None
+    if main_rank:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+        log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
 
     def checkpoint():
-        save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, generator)
+        """Every rank hands rank 0 its random state and a digest of its weights; rank 0 checks
+        the digests agree and writes the file."""
+        digests = ranks.gather({"weights": weights_digest(model), "ema_target": weights_digest(model.target_encoder)})
+        rng = ranks.gather({"torch": torch.get_rng_state(), "sampler": generator.get_state(),
+                            "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else []})
+        if any(d != digests[0] for d in digests):
+            raise RuntimeError(f"step {step}: the processes' weights differ: {digests}")
+        if main_rank:
+            save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, rng, digests)
 
     # Ctrl-C asks to stop: the current step finishes, then the run is saved, so a resumed run
     # continues exactly as if nothing had happened. A second Ctrl-C quits at once.
@@ -894,24 +1115,28 @@ def train(cfg):
     metrics, speeds = {}, []
     decoder_by_t = torch.zeros(2, 4)       # sums and counts of decoder loss in 4 bins of t
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main_rank)
+    stopping = False
     try:
-        while step < cfg.steps and not stop:
+        while step < cfg.steps and not stopping:
             started = time.perf_counter()
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             loss_sum = world_sum = 0.0
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 frames, actions = sampler.sample(cfg.batch_size, generator)
-                with autocast:
-                    loss, info = model(frames.to(device), actions.to(device))
-                scaler.scale(loss / cfg.grad_accum).backward()
+                last = micro == cfg.grad_accum - 1      # DDP averages gradients on the last one only
+                with trained.no_sync() if ranks.size > 1 and not last else contextlib.nullcontext():
+                    with autocast:
+                        loss, info = trained(frames.to(device), actions.to(device))
+                    scaler.scale(loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
                 world_sum += info["world_loss"].item() / cfg.grad_accum
                 time_bin = (info["decoder_t"] * 4).long().clamp(max=3).cpu()   # loss by diffusion time
                 decoder_by_t[0].index_add_(0, time_bin, info["decoder_losses"].float().cpu())
                 decoder_by_t[1].index_add_(0, time_bin, torch.ones(len(time_bin)))
+            (loss_sum, world_sum), stopping = ranks.mean_and_any([loss_sum, world_sum], bool(stop))
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(
                     f"loss became {loss_sum} at step {step}; stopping without saving, so "
@@ -927,30 +1152,146 @@ def train(cfg):
             seconds = time.perf_counter() - started
             bar.update(1)
             bar.set_postfix(world=f"{world_sum:.4f}", decoder=f"{loss_sum - world_sum:.4f}", step_s=f"{seconds:.2f}")
-            speeds.append(cfg.batch_size * cfg.grad_accum / seconds)
+            speeds.append(ranks.size * cfg.batch_size * cfg.grad_accum / seconds)
             record = {"step": step, "loss": loss_sum, "world_loss": world_sum, "decoder_loss": loss_sum - world_sum,
                       "lr": lr, "grad_norm": grad_norm.item(), "samples_per_s": speeds[-1]}
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if main_rank and (step % cfg.eval_every == 0 or step == cfg.steps):
                 metrics = evaluate(model, val_frames, val_actions, device, autocast,
                                    cfg.eval_psnr_windows, cfg.sample_steps)
                 metrics["decoder_loss_by_t"] = (decoder_by_t[0] / decoder_by_t[1].clamp_min(1)).tolist()
                 decoder_by_t.zero_()
                 record.update(metrics)
                 tqdm.write(format_eval(step, metrics))
-            log.write(json.dumps(record) + "\n")
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
+            if main_rank:
+                log.write(json.dumps(record) + "\n")
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
                 checkpoint()
-                log.flush()
+                if main_rank:
+                    log.flush()
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
-        log.close()
+        if log:
+            log.close()
+        ranks.close()
     if speeds:
-        print(f"{len(speeds)} steps: median {np.median(speeds):.1f} samples/s ({cfg.size}, {dtype})")
-    if stop:
-        print(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
+        say(f"{len(speeds)} steps: median {np.median(speeds):.1f} samples/s ({cfg.size}, {dtype})")
+    if stopping:
+        say(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
         raise SystemExit(130)
-    return metrics
+    return model, metrics
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: --bench N times N training steps of the chosen preset on random data
+
+
+def matmul_peak(device, dtype, size=4096, repeats=10):
+    """The device's measured matmul peak in FLOP/s: the best of `repeats` square matmuls in the
+    training precision (the ceiling a training step's FLOP/s is compared with)."""
+    if device == "cpu":
+        size, repeats = 2048, 5
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    best = math.inf
+    with autocast:
+        for _ in range(repeats + 1):                      # the first is a warm-up
+            synchronize(device)
+            started = time.perf_counter()
+            a @ b
+            synchronize(device)
+            best = min(best, time.perf_counter() - started)
+    return 2 * size ** 3 / best
+
+
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def benchmark(cfg):
+    """Print parameters per part, samples/s, FLOP/s (counted by PyTorch's FlopCounterMode on
+    one step: matmuls, convolutions, attention, forward and backward, recomputation included),
+    the fraction of the measured matmul peak, and peak memory."""
+    device, device_reason = choose_device(cfg)
+    dtype, dtype_reason = choose_dtype(cfg, device)
+    print(f"benchmark: {cfg.size} preset, {cfg.bench} steps of batch {cfg.batch_size} x {cfg.grad_accum} "
+          f"on random data; device {device} ({device_reason}); precision {dtype} ({dtype_reason}); "
+          f"grad_ckpt {cfg.grad_ckpt}, compile {cfg.compile}")
+    torch.manual_seed(cfg.seed)
+    model = WorldModel(cfg).to(device).train()
+    for part, n in count_parameters(model).items():
+        print(f"  {part}: {n / 1e6:.2f}M parameters")
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+    autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    frames = torch.randint(0, 256, (cfg.batch_size, cfg.rollout + 1, cfg.image_size, cfg.image_size, 3),
+                           dtype=torch.uint8, device=device)
+    actions = torch.randn(cfg.batch_size, cfg.rollout, cfg.action_window, len(ACTION_COLUMNS), device=device)
+
+    def step():
+        for _ in range(cfg.grad_accum):
+            with autocast:
+                loss, _ = model(frames, actions)
+            scaler.scale(loss / cfg.grad_accum).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_target(cfg.ema_start)
+
+    with FlopCounterMode(display=False) as counter:       # counts one step, before compiling
+        step()
+    flops_per_step = counter.get_total_flops()
+    activations = saved_activation_bytes(model, frames, actions, autocast)
+    if cfg.compile:
+        compile_parts(model)
+    for _ in range(3 if cfg.compile else 1):              # warm-up (and compilation)
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in tqdm(range(cfg.bench), desc="bench", unit="step", leave=False):
+        step()
+    synchronize(device)
+    seconds = (time.perf_counter() - started) / cfg.bench
+    peak = matmul_peak(device, dtype)
+    achieved = flops_per_step / seconds
+    print(f"  {cfg.batch_size * cfg.grad_accum / seconds:.1f} samples/s ({seconds:.3f} s per step)")
+    print(f"  {flops_per_step / 1e12:.3f} TFLOP per step -> {achieved / 1e12:.3f} TFLOP/s achieved")
+    print(f"  measured {dtype} matmul peak {peak / 1e12:.3f} TFLOP/s -> {achieved / peak:.1%} of peak")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    states = (4 * sum(p.numel() for p in model.parameters()) + 12 * trainable) / 2 ** 30
+    print(f"  memory budget: weights, gradients and AdamW's two moments in fp32 {states:.2f} GiB; "
+          f"activations kept for backward {activations / 2 ** 30:.2f} GiB per micro-batch "
+          f"(measured with saved-tensor hooks); sum {states + activations / 2 ** 30:.2f} GiB")
+    if device.startswith("cuda"):
+        memory = torch.cuda.max_memory_allocated() / 2 ** 30
+        print(f"  peak CUDA memory (max allocated): {memory:.2f} GiB on {torch.cuda.get_device_name()}")
+    else:
+        memory = None
+        print("  peak memory: not measured on CPU (CUDA's max allocated needs a GPU)")
+    return {"samples_per_s": cfg.batch_size * cfg.grad_accum / seconds, "flops_per_step": flops_per_step,
+            "flops_per_s": achieved, "peak_flops_per_s": peak, "fraction_of_peak": achieved / peak,
+            "peak_memory_gib": memory, "states_gib": states, "activations_gib": activations / 2 ** 30}
+
+
+def saved_activation_bytes(model, frames, actions, autocast):
+    """Bytes of the tensors autograd keeps from one forward pass for the backward pass (weights
+    not counted; each storage once). With --grad_ckpt a checkpointed block keeps only its input,
+    which is counted as one tensor per block."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
+        model(frames, actions)
+    return sum(kept.values())
 
 
 # -----------------------------------------------------------------------------
@@ -994,8 +1335,12 @@ def resolve_config(given):
 def main(argv=None):
     try:
         cfg = parse_config(argv)
-        print("config: " + json.dumps(dataclasses.asdict(cfg)))
-        train(cfg)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("config: " + json.dumps(dataclasses.asdict(cfg)))
+        if cfg.bench:
+            benchmark(cfg)
+        else:
+            train(cfg)
     except (CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
 

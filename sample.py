@@ -13,9 +13,16 @@ prediction with that of simply repeating the start frame; it is printed and save
     python sample.py                                     # latest checkpoint, its validation episodes
     python sample.py --actions turn_left,walk_forward    # "what if": same start, scripted actions
     python sample.py --video EP.mp4                      # a raw VPT episode (EP.jsonl beside it)
+
+What the latents are good for, each next to a baseline:
+
+    python sample.py --probe       # linear probes: yaw, pitch, position from pooled latents vs a random encoder
+    python sample.py --surprise    # prediction error along episodes with a teleport in the middle
+    python sample.py --plan        # reach goal images in the built-in world by CEM planning vs a random policy
 """
 import argparse
 import contextlib
+import copy
 import json
 import os
 import time
@@ -157,6 +164,213 @@ def episode_from_video(video_path, res):
         raise SystemExit(f"error: {e}")
     return {"name": os.path.basename(video_path), "frames": frames, "actions": actions}
 
+# -----------------------------------------------------------------------------
+# Probes: can a linear map read the player's state (yaw, pitch, position) off the latents?
+
+PROBE_TARGETS = ["sin yaw", "cos yaw", "pitch", "x", "y", "z"]
+
+
+def probe_data(model, episodes, every):
+    """Pooled latents ({pooling: (n, F)}) of every `every`-th frame, and the recorded state there
+    as probe targets (n, 6)."""
+    features, targets = [], []
+    for episode in tqdm(episodes, desc="probe features", unit="episode", leave=False):
+        frames = np.arange(0, len(episode["frames"]), every)
+        state = np.asarray(episode["state"][frames], np.float64)
+        yaw = np.radians(state[:, 0])
+        features.append(iwm.pooled_latents(model, np.asarray(episode["frames"][frames])))
+        targets.append(np.stack([np.sin(yaw), np.cos(yaw), *state[:, 1:].T], axis=1))
+    pooled = {name: torch.cat([f[name] for f in features]) for name in iwm.POOLINGS}
+    return pooled, torch.from_numpy(np.concatenate(targets))
+
+
+def run_probes(model, cfg, train, val, args):
+    """Fit ridge probes on training episodes, score R^2 on validation episodes; the same for a
+    randomly initialised model as the baseline."""
+    train, val = [e for e in train if "state" in e], [e for e in val if "state" in e]
+    if not train or not val:
+        raise SystemExit(f"error: {cfg.data}: the probe needs recorded state (yaw, pitch, position) "
+                         "in both training and validation episodes")
+    torch.manual_seed(args.seed)
+    baseline = iwm.WorldModel(cfg).to(next(model.parameters()).device).eval()
+    scores = {}
+    for name, encoder in (("trained", model), ("random init", baseline)):
+        train_features, train_targets = probe_data(encoder, train, args.probe_every)
+        val_features, val_targets = probe_data(encoder, val, args.probe_every)
+        for pooling in iwm.POOLINGS:
+            fit = iwm.fit_ridge(train_features[pooling], train_targets, l2=args.probe_l2)
+            scores[f"{name}, {pooling}"] = iwm.r_squared(fit(val_features[pooling]), val_targets).tolist()
+    print(f"linear probe R^2 on {len(val)} validation episodes (fit on {len(train)} training episodes, "
+          f"every {args.probe_every}th frame, ridge l2 {args.probe_l2})")
+    print(f"{'encoder, pooling':28s}" + "".join(f"{t:>9s}" for t in PROBE_TARGETS))
+    for name, values in scores.items():
+        print(f"{name:28s}" + "".join(f"{v:9.3f}" for v in values))
+    return {name: dict(zip(PROBE_TARGETS, values)) for name, values in scores.items()}
+
+
+# -----------------------------------------------------------------------------
+# Surprise: the prediction error along an episode spikes when the world jumps
+
+
+def teleport_episode(seed, steps, teleport_step, cfg):
+    """The scripted player in the built-in world for `steps` model steps; just after the frame
+    of step teleport_step it is moved half the world away. Returns frames (steps + 1, H, W, 3)
+    and action windows (steps, K, A), built by the same converter as the dataset."""
+    world, player = prepare_data.World(seed), prepare_data.ScriptedPlayer(seed)
+    frames, lines, previous = [], [], prepare_data.PlayerInput()
+    for tick in range(steps * cfg.frame_skip + 1):
+        if tick % cfg.frame_skip == 0:
+            frames.append(prepare_data.dataset_frame(world.frame(), cfg.image_size))
+        if tick == teleport_step * cfg.frame_skip + 1:
+            world.pos[[0, 2]] = (world.pos[[0, 2]] + prepare_data.WORLD_SIZE / 2) % prepare_data.WORLD_SIZE
+            world.pos[1] = world.ground_at(world.pos[0], world.pos[2])
+        inp = player.act(world)
+        lines.append(world.line(tick, inp, previous))
+        world.step(inp)
+        previous = inp
+    rows, _ = prepare_data.actions_from_lines(lines)
+    windows = np.stack([iwm.action_window(rows, (k + 1) * cfg.frame_skip, cfg.action_window) for k in range(steps)])
+    return torch.from_numpy(np.stack(frames)), torch.from_numpy(windows)
+
+
+def run_surprise(model, cfg, args, steps=40, teleport_step=20):
+    """Teleport the player mid-episode in args.trials episodes; compare the prediction error of
+    the teleport step with the median error of the other steps of the same episode."""
+    device = next(model.parameters()).device
+    ratios, largest = [], 0
+    for trial in tqdm(range(args.trials), desc="surprise episodes", unit="episode", leave=False):
+        frames, windows = teleport_episode(10_000 + trial, steps, teleport_step, cfg)
+        errors = iwm.surprise(model, frames.to(device), windows.to(device)).cpu().numpy()
+        ratios.append(errors[teleport_step] / np.median(np.delete(errors, teleport_step)))
+        largest += int(errors.argmax() == teleport_step)
+        if trial == 0:
+            tqdm.write(f"prediction error (x1000) per step of episode 1, teleported between frames "
+                       f"{teleport_step} and {teleport_step + 1}:\n  " + " ".join(f"{1000 * e:.0f}" for e in errors))
+    print(f"surprise over {args.trials} teleport episodes: the teleport step's error is {np.median(ratios):.1f}x "
+          f"the median step's (median over episodes; lowest {np.min(ratios):.1f}x, highest {np.max(ratios):.0f}x); "
+          f"it is the episode's largest error in {largest} of {args.trials}")
+    return {"teleport_over_median_step": float(np.median(ratios)), "lowest": float(np.min(ratios)),
+            "teleport_step_largest": largest}
+
+
+# -----------------------------------------------------------------------------
+# Planning: reach a goal image in the built-in world by model-predictive control with CEM
+
+GOAL_STEPS = 4            # model steps of the hidden action sequence that makes a goal
+EXTRA_STEPS = 2           # the agent gets a little more time than the hidden sequence took
+REPLAN_EVERY = 1          # model steps executed before planning again (1: replan after every step)
+
+
+def make_goal(seed, kind, cfg):
+    """A start (the world) and a goal: what the player sees after a hidden sequence of turning
+    (30-80 degrees of yaw, up to 20 of pitch) or walking (GOAL_STEPS steps forward: 3.5 blocks at
+    frame_skip 4, with up to 30 degrees of turn; redrawn if a tree or cliff blocks the walk)
+    from the start. Returns (world, goal frame, goal state)."""
+    rng = np.random.default_rng(seed)
+    world = prepare_data.World(seed)
+    world.pitch = float(rng.uniform(-15, 25))
+    for attempt in range(100):
+        if kind == "turning":
+            yaw, pitch, forward = rng.choice([-1, 1]) * rng.uniform(30, 80), rng.uniform(-20, 20), 0.0
+        else:
+            yaw, pitch, forward = rng.uniform(-30, 30), rng.uniform(-5, 5), 1.0
+        ticks = GOAL_STEPS * cfg.frame_skip
+        controls = torch.tensor([[yaw / ticks, pitch / ticks, forward]] * GOAL_STEPS)
+        goal_world = copy.deepcopy(world)
+        for row in iwm.controls_to_rows(controls, cfg.frame_skip).numpy():
+            goal_world.step(prepare_data.input_from_action(row))
+        moved = np.linalg.norm(goal_world.pos - world.pos)
+        if kind == "turning" or moved > 0.7 * prepare_data.WALK * ticks:   # a blocked walk is no walk
+            return world, prepare_data.dataset_frame(goal_world.frame(), cfg.image_size), goal_world.state()
+        world.yaw = float(rng.uniform(-180, 180))
+    raise RuntimeError(f"world {seed}: no direction to walk in from the start")
+
+
+def reached(state, goal, kind):
+    """Success: camera within 15 degrees of the goal's yaw and pitch, and for walking goals
+    within 1.5 blocks of the goal position."""
+    yaw_error = abs((state[0] - goal[0] + 180) % 360 - 180)
+    close = yaw_error <= 15 and abs(state[1] - goal[1]) <= 15
+    return close and (kind == "turning" or np.linalg.norm(state[2:] - goal[2:]) <= 1.5)
+
+
+def run_episode(model, world, goal_latent, cfg, policy, generator, autocast):
+    """Model-predictive control: plan, execute REPLAN_EVERY steps, see, plan again, until the
+    budget is spent. policy "plan" uses CEM; "random" draws controls uniformly from the same box.
+    Returns the frames seen, the latents imagined for each step, the executed rows, plan times."""
+    device = next(model.parameters()).device
+    steps = GOAL_STEPS + EXTRA_STEPS
+    history = torch.zeros(cfg.action_window, len(prepare_data.ACTION_COLUMNS))   # standing still
+    seen, imagined, executed, seconds = [prepare_data.dataset_frame(world.frame(), cfg.image_size)], [], [], []
+    controls = None
+    for step in range(0, steps, REPLAN_EVERY):
+        horizon = steps - step                     # plan to the end of the budget, execute the start
+        if policy == "random":
+            controls = random_controls(horizon, generator)
+        else:
+            with torch.no_grad(), autocast:
+                latent = model.encode(torch.from_numpy(seen[-1])[None, None].to(device))[0, 0]
+                started = time.perf_counter()
+                init = None if controls is None else controls[REPLAN_EVERY:]
+                controls, _ = iwm.plan(model, latent, goal_latent, history.to(device), horizon, init, generator)
+                seconds.append(time.perf_counter() - started)
+                rows = iwm.controls_to_rows(controls, cfg.frame_skip)
+                imagined.extend(iwm.imagine(model, latent, history.to(device), rows[None])[0, :REPLAN_EVERY].float())
+        rows = iwm.controls_to_rows(controls[:REPLAN_EVERY], cfg.frame_skip)
+        for k, row in enumerate(rows.numpy()):
+            world.step(prepare_data.input_from_action(row))
+            if (k + 1) % cfg.frame_skip == 0:
+                seen.append(prepare_data.dataset_frame(world.frame(), cfg.image_size))
+        executed.append(rows)
+        history = torch.cat([history, rows])[-cfg.action_window:]
+    return seen, imagined, torch.cat(executed).numpy(), seconds
+
+
+def random_controls(horizon, generator):
+    """The random policy: controls drawn uniformly from the planner's box, per model step."""
+    return iwm.PLAN_LOW + (iwm.PLAN_HIGH - iwm.PLAN_LOW) * torch.rand(horizon, len(iwm.PLAN_CONTROLS),
+                                                                       generator=generator)
+
+
+def run_planning(model, cfg, args, out, sample_steps):
+    """args.trials goals of each kind; the planner and the random policy start from the same
+    world with the same goal. Prints success rates and time per plan; writes GIFs of the first
+    args.n trials of each kind: goal | what the agent sees | what it imagined."""
+    device = next(model.parameters()).device
+    dtype, reason = iwm.choose_dtype(iwm.Config(dtype=args.plan_dtype), device.type)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    print(f"planning: CEM, {GOAL_STEPS + EXTRA_STEPS} model steps per episode, replanning every {REPLAN_EVERY}; "
+          f"precision {dtype} ({reason})")
+    results, seconds = {}, []
+    for kind_index, kind in enumerate(["turning", "walking"]):
+        wins = {"plan": 0, "random": 0}
+        for trial in tqdm(range(args.trials), desc=f"{kind} goals", unit="trial", leave=False):
+            world, goal_frame, goal_state = make_goal(20_000 + 1000 * kind_index + trial, kind, cfg)
+            with torch.no_grad():
+                goal_latent = model.encode_target(torch.from_numpy(goal_frame)[None, None].to(device))[0, 0]
+            for policy in wins:
+                generator = torch.Generator().manual_seed(args.seed * 100_000 + trial)
+                episode_world = copy.deepcopy(world)
+                seen, imagined, rows, plan_seconds = run_episode(model, episode_world, goal_latent, cfg,
+                                                                 policy, generator, autocast)
+                wins[policy] += reached(episode_world.state(), goal_state, kind)
+                seconds += plan_seconds
+                if policy == "plan" and trial < args.n:
+                    noise = torch.Generator(device).manual_seed(args.seed)
+                    with torch.no_grad():
+                        drawn = to_pixels(model.decoder.draw(torch.stack(imagined), sample_steps, noise))
+                    panels = [np.stack([goal_frame] * len(seen)), np.stack(seen), np.concatenate([seen[:1], drawn])]
+                    compose_gif(os.path.join(out, f"plan_{kind}_{trial}.gif"), panels,
+                                ["goal", "agent sees", "it imagined"],
+                                [np.zeros_like(rows), rows, rows], cfg.frame_skip, args.scale)
+        results[kind] = {policy: wins[policy] / args.trials for policy in wins}
+        print(f"{kind} goals: planner {wins['plan']}/{args.trials} = {results[kind]['plan']:.0%}, "
+              f"random policy {wins['random']}/{args.trials} = {results[kind]['random']:.0%}")
+    results["seconds_per_plan"] = {"mean": float(np.mean(seconds)), "max": float(np.max(seconds))}
+    print(f"time per plan: mean {np.mean(seconds):.2f} s, max {np.max(seconds):.2f} s ({len(seconds)} plans, {device})")
+    return results
+
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -172,6 +386,13 @@ def main(argv=None):
     parser.add_argument("--scale", type=int, default=3, help="pixel upscaling in the GIFs")
     parser.add_argument("--seed", type=int, default=0, help="which windows, and the decoder's noise")
     parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    parser.add_argument("--probe", action="store_true", help="linear probes of yaw, pitch, position vs a random encoder")
+    parser.add_argument("--probe_every", type=int, default=1, help="probe every n-th frame of each episode")
+    parser.add_argument("--probe_l2", type=float, default=1e-5, help="ridge penalty of the probe")
+    parser.add_argument("--surprise", action="store_true", help="prediction error around a teleport (built-in world)")
+    parser.add_argument("--plan", action="store_true", help="goal reaching by planning in the built-in world")
+    parser.add_argument("--trials", type=int, default=50, help="--plan: goals of each kind; --surprise: episodes")
+    parser.add_argument("--plan_dtype", default="auto", help="--plan: float32 | bfloat16 | auto (as iwm.py chooses)")
     args = parser.parse_args(argv)
     scripts = args.actions.split(",") if args.actions else []
     for script in scripts:
@@ -184,16 +405,28 @@ def main(argv=None):
     except iwm.CheckpointError as e:
         raise SystemExit(f"error: {e}")
     sample_steps = args.sample_steps or cfg.sample_steps
+    out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples")
+    os.makedirs(out, exist_ok=True)
+    if args.plan or args.surprise:      # these run in the built-in world, no dataset needed
+        print(f"checkpoint {args.ckpt} (step {step}, {cfg.size})")
+        name, run = ("plan", run_planning) if args.plan else ("surprise", run_surprise)
+        results = run(model, cfg, args, out, sample_steps) if args.plan else run(model, cfg, args)
+        with open(os.path.join(out, f"{name}.json"), "w") as f:
+            json.dump({"checkpoint": args.ckpt, "step": step, "trials": args.trials, **results}, f, indent=1)
+        return
     if args.video:
         episodes = [episode_from_video(args.video, cfg.image_size)]
     else:
         cfg.data = args.data or cfg.data
         try:
-            _, _, episodes = iwm.open_dataset(cfg)
+            _, train_episodes, episodes = iwm.open_dataset(cfg)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"error: {e}")
-    out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples")
-    os.makedirs(out, exist_ok=True)
+        if args.probe:
+            scores = run_probes(model, cfg, train_episodes, episodes, args)
+            with open(os.path.join(out, "probe.json"), "w") as f:
+                json.dump({"checkpoint": args.ckpt, "step": step, "r_squared": scores}, f, indent=1)
+            return
     autocast = contextlib.nullcontext()    # sampling runs in full precision
     try:
         sampler = iwm.WindowSampler(episodes, args.horizon, cfg)

@@ -482,7 +482,7 @@ def builtin_dataset(builtin_raw, tmp_path_factory):
 
 def test_training_logs_metrics_and_a_run_interrupted_by_ctrl_c_resumes_exactly(builtin_dataset, tmp_path):
     straight = small_config(data=builtin_dataset, out_dir=str(tmp_path / "a"))
-    metrics = iwm.train(straight)
+    _, metrics = iwm.train(straight)
     assert len(metrics["pred_copy"]) == 4 and metrics["action_sensitivity"] > 0 and metrics["target_std"] > 0
     log = [json.loads(l) for l in open(tmp_path / "a" / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and "pred_copy" in log[2]
@@ -649,3 +649,200 @@ def test_sample_py_converts_a_raw_vpt_pair_on_the_fly(builtin_raw, builtin_datas
     sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--video", video, "--horizon", "4", "--n", "1",
                  "--windows", "2", "--sample_steps", "2", "--out", str(tmp_path / "v")])
     assert (tmp_path / "v" / "rollout_0.gif").exists()
+
+
+# -----------------------------------------------------------------------------
+# Probes, surprise and planning
+
+
+def test_cem_finds_the_minimum_of_a_known_cost_and_respects_the_box():
+    target = torch.tensor([[0.3, -0.7], [1.5, 0.2], [-0.4, 0.9]])     # one entry outside the box
+    low, high = torch.full((2,), -1.0), torch.full((2,), 1.0)
+
+    def cost(x):
+        return (x - target).pow(2).sum(dim=(1, 2))
+
+    best, best_cost = iwm.cem(cost, torch.zeros(3, 2), torch.ones(3, 2), low, high, iterations=12,
+                              population=200, elites=20, generator=torch.Generator().manual_seed(0))
+    optimum = target.clamp(-1, 1)                                        # the best point in the box
+    assert torch.allclose(best, optimum, atol=0.03), best
+    assert best_cost == pytest.approx(0.25, abs=0.01)                    # (1.5 - 1)^2 is unavoidable
+
+
+def test_ridge_probe_recovers_a_known_linear_map_and_scores_noise_as_zero():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 8, generator=g) * torch.linspace(1, 10, 8)    # features of unequal scales
+    weights, bias = torch.randn(8, 3, generator=g), torch.tensor([1.0, -2.0, 0.5])
+    y = x @ weights + bias + 0.01 * torch.randn(2000, 3, generator=g)
+    fit = iwm.fit_ridge(x[:1500], y[:1500], l2=1e-8)
+    assert (iwm.r_squared(fit(x[1500:]), y[1500:]) > 0.9999).all()
+    recovered = fit(torch.eye(8)) - fit(torch.zeros(1, 8))               # the map, one input at a time
+    assert torch.allclose(recovered.float(), weights, atol=1e-3)
+    noise = torch.randn(2000, 2, generator=g)                           # targets unrelated to x
+    fit = iwm.fit_ridge(x[:1500], noise[:1500])
+    assert (iwm.r_squared(fit(x[1500:]), noise[1500:]).abs() < 0.05).all()
+
+
+def test_planner_rows_and_imagined_rollout_use_the_training_action_windows():
+    cfg = small_config()
+    torch.manual_seed(0)
+    model = iwm.WorldModel(cfg).eval()
+    randomize_head(model)
+    controls = torch.tensor([[[2.0, -1.0, 0.7], [-3.0, 0.5, 0.2]]])           # (P=1, T=2, 3)
+    rows = iwm.controls_to_rows(controls, cfg.frame_skip)[0]
+    c = pd.COLUMN
+    assert rows.shape == (2 * cfg.frame_skip, len(pd.ACTION_COLUMNS))
+    assert rows[:cfg.frame_skip, c["camera_yaw"]].eq(2.0).all() and rows[:cfg.frame_skip, c["forward"]].eq(1).all()
+    assert rows[cfg.frame_skip:, c["camera_pitch"]].eq(0.5).all() and rows[cfg.frame_skip:, c["forward"]].eq(0).all()
+    history = torch.randn(cfg.action_window, len(pd.ACTION_COLUMNS))
+    latent = torch.randn(model.encoder.positions.shape[0], cfg.width)
+    imagined = iwm.imagine(model, latent, history, rows[None])
+    episode_rows = np.concatenate([history.numpy(), rows.numpy()])             # the start frame is row K
+    windows = np.stack([iwm.action_window(episode_rows, cfg.action_window + (k + 1) * cfg.frame_skip,
+                                          cfg.action_window) for k in range(2)])
+    expected = model.rollout(latent[None], torch.from_numpy(windows)[None])
+    assert torch.allclose(imagined, expected, atol=1e-6)
+
+
+def test_goal_success_wraps_yaw_and_needs_position_only_for_walking():
+    import sample
+    goal = np.array([179.0, 10.0, 5.0, 20.0, 5.0])
+    assert sample.reached(np.array([-175.0, 20.0, 9.0, 20.0, 5.0]), goal, "turning")    # 6 degrees apart
+    assert not sample.reached(np.array([-175.0, 20.0, 9.0, 20.0, 5.0]), goal, "walking")  # 4 blocks away
+    assert sample.reached(np.array([170.0, 0.0, 6.0, 20.0, 5.5]), goal, "walking")
+    assert not sample.reached(np.array([160.0, 10.0, 5.0, 20.0, 5.0]), goal, "turning")   # 19 degrees
+
+
+def test_sample_py_plan_probe_and_surprise_write_their_results(builtin_dataset, tmp_path):
+    import sample
+    iwm.train(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=3))
+    common = ["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "s"), "--sample_steps", "2"]
+    sample.main(common + ["--plan", "--trials", "2", "--n", "1", "--scale", "1", "--plan_dtype", "float32"])
+    results = json.load(open(tmp_path / "s" / "plan.json"))
+    for kind in ("turning", "walking"):
+        assert set(results[kind]) == {"plan", "random"} and all(0 <= v <= 1 for v in results[kind].values())
+    assert 0 < results["seconds_per_plan"]["mean"] <= results["seconds_per_plan"]["max"]
+    ok, gif = cv2.imreadanimation(str(tmp_path / "s" / "plan_walking_0.gif"))
+    assert ok and len(gif.frames) == sample.GOAL_STEPS + sample.EXTRA_STEPS + 1
+    assert gif.frames[0].shape[1] == 3 * 32 + 2 * 2                        # goal | sees | imagined
+    sample.main(common + ["--surprise", "--trials", "1"])
+    assert json.load(open(tmp_path / "s" / "surprise.json"))["teleport_over_median_step"] > 0
+    sample.main(common + ["--probe", "--probe_every", "10"])
+    scores = json.load(open(tmp_path / "s" / "probe.json"))["r_squared"]
+    assert set(scores) == {f"{e}, {p}" for e in ("trained", "random init") for p in iwm.POOLINGS}
+    assert all(set(row) == set(sample.PROBE_TARGETS) for row in scores.values())
+
+
+# -----------------------------------------------------------------------------
+# Benchmark, activation checkpointing, several processes
+
+
+def small_flags(data, out_dir, **overrides):
+    """small_config as command-line flags, for runs in a subprocess."""
+    fields = {**dataclasses_asdict(small_config()), "data": data, "out_dir": out_dir, **overrides}
+    defaults = dataclasses_asdict(iwm.Config())
+    flags = []
+    for key, value in fields.items():
+        if value != defaults[key] or key in ("size", "device", "dtype"):
+            flags += [f"--{key}", str(value)] if not isinstance(value, bool) else [f"--{key}" if value else f"--no-{key}"]
+    return flags
+
+
+def dataclasses_asdict(cfg):
+    import dataclasses
+    return dataclasses.asdict(cfg)
+
+
+def test_grad_ckpt_gives_the_same_loss_and_gradients():
+    grads = []
+    for grad_ckpt in (False, True):
+        torch.manual_seed(0)
+        model = iwm.WorldModel(small_config(grad_ckpt=grad_ckpt))
+        randomize_head(model)
+        randomize_zero_inits(model.decoder)
+        g = torch.Generator().manual_seed(1)
+        frames = torch.randint(0, 256, (2, 3, 32, 32, 3), dtype=torch.uint8, generator=g)
+        actions = torch.randn(2, 2, 25, len(pd.ACTION_COLUMNS), generator=g)
+        loss, _ = model(frames, actions)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_bench_reports_throughput_flops_and_fraction_of_measured_peak(capsys):
+    cfg = small_config(bench=2)
+    result = iwm.benchmark(cfg)
+    out = capsys.readouterr().out
+    assert "samples/s" in out and "of peak" in out and "not measured on CPU" in out
+    assert result["flops_per_step"] > 0 and result["samples_per_s"] > 0
+    assert 0 < result["fraction_of_peak"] < 1.5 and result["peak_memory_gib"] is None
+    # the counted FLOPs grow with the batch: twice the windows, about twice the work
+    doubled = iwm.benchmark(small_config(bench=1, batch_size=8))
+    assert 1.8 < doubled["flops_per_step"] / result["flops_per_step"] < 2.2
+
+
+def torchrun(flags, processes=2):
+    """`torchrun --nproc_per_node=2 iwm.py FLAGS` on CPU (gloo), one thread per process."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "iwm.py", *flags]
+    result = subprocess.run(command, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def interrupted_rank(rank, port, config, interrupt_rank):
+    """One process of a 2-process run (as torchrun would start it) in which only `interrupt_rank`
+    gets Ctrl-C, during step 2. Module level, so torch.multiprocessing can start it."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if rank == interrupt_rank:
+        original, calls = iwm.WindowSampler.sample, []
+
+        def sample_then_interrupt(self, *args):
+            calls.append(1)
+            if len(calls) == 3:          # call 1 samples the validation windows, call 3 is step 2
+                os.kill(os.getpid(), signal.SIGINT)
+            return original(self, *args)
+
+        iwm.WindowSampler.sample = sample_then_interrupt
+    with pytest.raises(SystemExit) as stopped:
+        iwm.train(iwm.Config(**config))
+    assert stopped.value.code == 130
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_cpu_processes_keep_equal_weights_and_ema_and_resume_exactly(builtin_dataset, tmp_path):
+    straight = small_flags(builtin_dataset, str(tmp_path / "straight"), steps=4, ckpt_every=2, eval_every=4)
+    result = torchrun(straight)
+    assert result.stdout.count("config:") == 1                     # only rank 0 talks
+    state = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    model = iwm.WorldModel(iwm.Config(**state["config"]))
+    model.load_state_dict(state["model"])
+    # Both ranks' digests of their weights and of their EMA target equal those of the saved weights
+    expected = {"weights": iwm.weights_digest(model), "ema_target": iwm.weights_digest(model.target_encoder)}
+    assert state["rank_digests"] == [expected, expected]
+    assert not torch.equal(model.target_encoder.blocks[0].mlp[0].weight, model.encoder.blocks[0].mlp[0].weight)
+    # each rank draws its own windows
+    assert not torch.equal(state["rng_per_rank"][0]["sampler"], state["rng_per_rank"][1]["sampler"])
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "straight" / "log.jsonl")]
+    assert steps == [1, 2, 3, 4]                                    # logged once, by rank 0
+    # The same run, but rank 1 alone gets Ctrl-C in step 2: both ranks stop after step 2 and save;
+    # resuming with torchrun ends with the unbroken run's weights, bit for bit
+    config = {**state["config"], "out_dir": str(tmp_path / "resumed")}
+    torch.multiprocessing.spawn(interrupted_rank, args=(free_port(), config, 1), nprocs=2)
+    assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 2
+    torchrun(["--out_dir", str(tmp_path / "resumed"), "--resume"])
+    resumed = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == 4
+    for key in state["model"]:
+        assert torch.equal(resumed["model"][key], state["model"][key]), key
