@@ -753,6 +753,18 @@ def dataclasses_asdict(cfg):
     return dataclasses.asdict(cfg)
 
 
+def test_spelled_out_cpu_attention_equals_the_fused_kernel():
+    torch.manual_seed(0)
+    attention = iwm.Attention(32, heads=4)
+    x, context = torch.randn(2, 16, 32), torch.randn(2, 25, 32)
+    for ctx in (None, context):
+        q = attention.query(x).view(2, 16, 4, 8).transpose(1, 2)
+        source = x if ctx is None else ctx
+        k, v = attention.key_value(source).view(2, source.shape[1], 2, 4, 8).permute(2, 0, 3, 1, 4)
+        fused = attention.out(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 16, 32))
+        assert torch.allclose(attention(x, ctx), fused, atol=1e-5)
+
+
 def test_grad_ckpt_gives_the_same_loss_and_gradients():
     grads = []
     for grad_ckpt in (False, True):
