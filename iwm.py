@@ -788,7 +788,7 @@ def surprise(model, frames, actions):
     return jepa_loss(model.predict_next(latents[:-1], actions), targets[1:]).mean(dim=-1)
 
 
-def cem(cost, mean, std, low, high, iterations=6, population=32, elites=6, correlation=0.0, generator=None):
+def cem(cost, mean, std, low, high, iterations=8, population=32, elites=6, correlation=0.0, generator=None):
     """The cross-entropy method: minimise cost over a box [low, high]. Sample a population
     around mean (Gaussian, std), score every sample, refit mean and std to the best `elites`,
     repeat. cost maps (population, *mean.shape) samples to (population,) costs. With
@@ -830,6 +830,7 @@ def imagine(model, latent, history, rows):
     K, skip = history.shape[0], model.cfg.frame_skip
     rows = torch.cat([history.expand(len(rows), -1, -1), rows], dim=1)
     steps = (rows.shape[1] - K) // skip
+    # step k's window: the K rows before frame (k + 1) * skip, as action_window gives in training
     windows = torch.stack([rows[:, (k + 1) * skip:(k + 1) * skip + K] for k in range(steps)], dim=1)
     return model.rollout(latent.expand(len(rows), -1, -1), windows.to(latent.device))
 
@@ -1063,8 +1064,9 @@ def train(cfg):
         load_world_model(model, cfg.decoder_only)
     if ranks.rank:
         torch.manual_seed(cfg.seed + ranks.rank)            # each rank its own diffusion noise
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr,
-                                  betas=(0.9, 0.95))
+    # fused: one kernel for the whole update on a GPU, no temporary copies of all the weights
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95),
+                                  fused=device_type == "cuda")
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)   # a no-op otherwise
     autocast = (torch.autocast(device_type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
@@ -1229,7 +1231,8 @@ def benchmark(cfg):
     model = WorldModel(cfg).to(device).train()
     for part, n in count_parameters(model).items():
         print(f"  {part}: {n / 1e6:.2f}M parameters")
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95),
+                                  fused=device.startswith("cuda"))
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     frames = torch.randint(0, 256, (cfg.batch_size, cfg.rollout + 1, cfg.image_size, cfg.image_size, 3),

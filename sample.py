@@ -200,8 +200,9 @@ def run_probes(model, cfg, train, val, args):
         for pooling in iwm.POOLINGS:
             fit = iwm.fit_ridge(train_features[pooling], train_targets, l2=args.probe_l2)
             scores[f"{name}, {pooling}"] = iwm.r_squared(fit(val_features[pooling]), val_targets).tolist()
+    frames = "every frame" if args.probe_every == 1 else f"every {args.probe_every}th frame"
     print(f"linear probe R^2 on {len(val)} validation episodes (fit on {len(train)} training episodes, "
-          f"every {args.probe_every}th frame, ridge l2 {args.probe_l2})")
+          f"{frames}, ridge l2 {args.probe_l2})")
     print(f"{'encoder, pooling':28s}" + "".join(f"{t:>9s}" for t in PROBE_TARGETS))
     for name, values in scores.items():
         print(f"{name:28s}" + "".join(f"{v:9.3f}" for v in values))
