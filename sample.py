@@ -410,8 +410,10 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     if args.plan or args.surprise:      # these run in the built-in world, no dataset needed
         print(f"checkpoint {args.ckpt} (step {step}, {cfg.size})")
-        name, run = ("plan", run_planning) if args.plan else ("surprise", run_surprise)
-        results = run(model, cfg, args, out, sample_steps) if args.plan else run(model, cfg, args)
+        if args.plan:
+            name, results = "plan", run_planning(model, cfg, args, out, sample_steps)
+        else:
+            name, results = "surprise", run_surprise(model, cfg, args)
         with open(os.path.join(out, f"{name}.json"), "w") as f:
             json.dump({"checkpoint": args.ckpt, "step": step, "trials": args.trials, **results}, f, indent=1)
         return

@@ -3,6 +3,7 @@
 Each test name states the property it proves. Sections: data conversion (prepare_data.py),
 downloading, the world model (iwm.py).
 """
+import dataclasses
 import http.server
 import json
 import os
@@ -480,6 +481,20 @@ def builtin_dataset(builtin_raw, tmp_path_factory):
     return str(out)
 
 
+def sample_then_ctrl_c_in_step(step):
+    """A WindowSampler.sample that sends this process Ctrl-C (SIGINT) while sampling the batch of
+    training step `step` (its first call samples the validation windows)."""
+    original, calls = iwm.WindowSampler.sample, []
+
+    def sample(self, *args):
+        calls.append(1)
+        if len(calls) == step + 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args)
+
+    return sample
+
+
 def test_training_logs_metrics_and_a_run_interrupted_by_ctrl_c_resumes_exactly(builtin_dataset, tmp_path):
     straight = small_config(data=builtin_dataset, out_dir=str(tmp_path / "a"))
     _, metrics = iwm.train(straight)
@@ -487,16 +502,8 @@ def test_training_logs_metrics_and_a_run_interrupted_by_ctrl_c_resumes_exactly(b
     log = [json.loads(l) for l in open(tmp_path / "a" / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and "pred_copy" in log[2]
     # Ctrl-C during step 4 of run b: the step finishes, the run saves and exits
-    original_sample, calls = iwm.WindowSampler.sample, []
-
-    def sample_then_interrupt(self, *args):
-        calls.append(1)
-        if len(calls) == 5:          # call 1 samples the validation windows, call 5 is step 4
-            os.kill(os.getpid(), signal.SIGINT)
-        return original_sample(self, *args)
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(iwm.WindowSampler, "sample", sample_then_interrupt)
+        patch.setattr(iwm.WindowSampler, "sample", sample_then_ctrl_c_in_step(4))
         with pytest.raises(SystemExit):
             iwm.train(small_config(data=builtin_dataset, out_dir=str(tmp_path / "b")))
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 4
@@ -739,18 +746,13 @@ def test_sample_py_plan_probe_and_surprise_write_their_results(builtin_dataset, 
 
 def small_flags(data, out_dir, **overrides):
     """small_config as command-line flags, for runs in a subprocess."""
-    fields = {**dataclasses_asdict(small_config()), "data": data, "out_dir": out_dir, **overrides}
-    defaults = dataclasses_asdict(iwm.Config())
+    fields = {**dataclasses.asdict(small_config()), "data": data, "out_dir": out_dir, **overrides}
+    defaults = dataclasses.asdict(iwm.Config())
     flags = []
     for key, value in fields.items():
         if value != defaults[key] or key in ("size", "device", "dtype"):
             flags += [f"--{key}", str(value)] if not isinstance(value, bool) else [f"--{key}" if value else f"--no-{key}"]
     return flags
-
-
-def dataclasses_asdict(cfg):
-    import dataclasses
-    return dataclasses.asdict(cfg)
 
 
 def test_spelled_out_cpu_attention_equals_the_fused_kernel():
@@ -812,15 +814,7 @@ def interrupted_rank(rank, port, config, interrupt_rank):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if rank == interrupt_rank:
-        original, calls = iwm.WindowSampler.sample, []
-
-        def sample_then_interrupt(self, *args):
-            calls.append(1)
-            if len(calls) == 3:          # call 1 samples the validation windows, call 3 is step 2
-                os.kill(os.getpid(), signal.SIGINT)
-            return original(self, *args)
-
-        iwm.WindowSampler.sample = sample_then_interrupt
+        iwm.WindowSampler.sample = sample_then_ctrl_c_in_step(2)
     with pytest.raises(SystemExit) as stopped:
         iwm.train(iwm.Config(**config))
     assert stopped.value.code == 130
