@@ -963,6 +963,19 @@ def cpu_bf16_speedup(size=512, repeats=20):
     return seconds[torch.float32] / seconds[torch.bfloat16]
 
 
+def optimizer_and_scaler(model, cfg, device_type, dtype):
+    """AdamW over parameter_groups (fused into one kernel on a GPU: no temporary copies of all
+    the weights), and a gradient scaler that only acts for float16."""
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95),
+                                  fused=device_type == "cuda")
+    return optimizer, torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+
+
+def autocast_to(device_type, dtype):
+    """Mixed precision in dtype; float32 means none."""
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def parameter_groups(model, cfg):
     """Weight decay on weight matrices only: not on norms, biases or position embeddings.
     The decoder's groups carry a learning-rate scale (cfg.decoder_lr_scale)."""
@@ -1064,12 +1077,8 @@ def train(cfg):
         load_world_model(model, cfg.decoder_only)
     if ranks.rank:
         torch.manual_seed(cfg.seed + ranks.rank)            # each rank its own diffusion noise
-    # fused: one kernel for the whole update on a GPU, no temporary copies of all the weights
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95),
-                                  fused=device_type == "cuda")
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)   # a no-op otherwise
-    autocast = (torch.autocast(device_type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
+    optimizer, scaler = optimizer_and_scaler(model, cfg, device_type, dtype)
+    autocast = autocast_to(device_type, dtype)
     generator = torch.Generator().manual_seed(cfg.seed + ranks.rank)   # each rank its own windows
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -1201,7 +1210,7 @@ def matmul_peak(device, dtype, size=4096, repeats=10):
     if device == "cpu":
         size, repeats = 2048, 5
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    autocast = autocast_to(device.split(":")[0], dtype)
     best = math.inf
     with autocast:
         for _ in range(repeats + 1):                      # the first is a warm-up
@@ -1223,7 +1232,8 @@ def benchmark(cfg):
     one step: matmuls, convolutions, attention, forward and backward, recomputation included),
     the fraction of the measured matmul peak, and peak memory."""
     device, device_reason = choose_device(cfg)
-    dtype, dtype_reason = choose_dtype(cfg, device)
+    device_type = device.split(":")[0]
+    dtype, dtype_reason = choose_dtype(cfg, device_type)
     print(f"benchmark: {cfg.size} preset, {cfg.bench} steps of batch {cfg.batch_size} x {cfg.grad_accum} "
           f"on random data; device {device} ({device_reason}); precision {dtype} ({dtype_reason}); "
           f"grad_ckpt {cfg.grad_ckpt}, compile {cfg.compile}")
@@ -1231,10 +1241,8 @@ def benchmark(cfg):
     model = WorldModel(cfg).to(device).train()
     for part, n in count_parameters(model).items():
         print(f"  {part}: {n / 1e6:.2f}M parameters")
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95),
-                                  fused=device.startswith("cuda"))
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    optimizer, scaler = optimizer_and_scaler(model, cfg, device_type, dtype)
+    autocast = autocast_to(device_type, dtype)
     frames = torch.randint(0, 256, (cfg.batch_size, cfg.rollout + 1, cfg.image_size, cfg.image_size, 3),
                            dtype=torch.uint8, device=device)
     actions = torch.randn(cfg.batch_size, cfg.rollout, cfg.action_window, len(ACTION_COLUMNS), device=device)

@@ -339,7 +339,7 @@ def run_planning(model, cfg, args, out, sample_steps):
     args.n trials of each kind: goal | what the agent sees | what it imagined."""
     device = next(model.parameters()).device
     dtype, reason = iwm.choose_dtype(iwm.Config(dtype=args.plan_dtype), device.type)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    autocast = iwm.autocast_to(device.type, dtype)
     print(f"planning: CEM, {GOAL_STEPS + EXTRA_STEPS} model steps per episode, replanning every {REPLAN_EVERY}; "
           f"precision {dtype} ({reason})")
     results, seconds = {}, []
