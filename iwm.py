@@ -835,17 +835,20 @@ def imagine(model, latent, history, rows):
     return model.rollout(latent.expand(len(rows), -1, -1), windows.to(latent.device))
 
 
-def plan(model, latent, goal, history, horizon, init=None, generator=None, correlation=0.9, **cem_options):
+def plan(model, latent, goal, history, horizon, init=None, generator=None, correlation=0.9, iterations=4,
+         **cem_options):
     """Controls (horizon, 3) whose imagined last latent is closest to the goal latent (N, D).
     init: a previous plan to start from (model-predictive control shifts and reuses it).
-    correlation 0.9 (time-correlated samples) took turning goals from 60% to 90% in 20 trials."""
+    correlation 0.9 (time-correlated samples) took turning goals from 60% to 90% in 20 trials;
+    4 CEM iterations plan as well as 8 on held-out goals, in half the time (README, Planning)."""
     def cost(controls):
         final = imagine(model, latent, history, controls_to_rows(controls, model.cfg.frame_skip))[:, -1]
         return jepa_loss(final, goal.expand_as(final)).mean(dim=-1).float().cpu()
 
     mean = (PLAN_LOW + PLAN_HIGH).expand(horizon, -1) / 2 if init is None else init
     std = (PLAN_HIGH - PLAN_LOW).expand(horizon, -1) / 2
-    return cem(cost, mean, std, PLAN_LOW, PLAN_HIGH, correlation=correlation, generator=generator, **cem_options)
+    return cem(cost, mean, std, PLAN_LOW, PLAN_HIGH, iterations, correlation=correlation, generator=generator,
+               **cem_options)
 
 
 # -----------------------------------------------------------------------------

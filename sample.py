@@ -295,7 +295,7 @@ def reached(state, goal, kind):
     return close and (kind == "turning" or np.linalg.norm(state[2:] - goal[2:]) <= 1.5)
 
 
-def run_episode(model, world, goal_latent, cfg, policy, generator, autocast):
+def run_episode(model, world, goal_latent, cfg, policy, generator, autocast, iterations=4):
     """Model-predictive control: plan, execute REPLAN_EVERY steps, see, plan again, until the
     budget is spent. policy "plan" uses CEM; "random" draws controls uniformly from the same box.
     Returns the frames seen, the latents imagined for each step, the executed rows, plan times."""
@@ -313,7 +313,8 @@ def run_episode(model, world, goal_latent, cfg, policy, generator, autocast):
                 latent = model.encode(torch.from_numpy(seen[-1])[None, None].to(device))[0, 0]
                 started = time.perf_counter()
                 init = None if controls is None else controls[REPLAN_EVERY:]
-                controls, _ = iwm.plan(model, latent, goal_latent, history.to(device), horizon, init, generator)
+                controls, _ = iwm.plan(model, latent, goal_latent, history.to(device), horizon, init, generator,
+                                       iterations=iterations)
                 seconds.append(time.perf_counter() - started)
                 rows = iwm.controls_to_rows(controls, cfg.frame_skip)
                 imagined.extend(iwm.imagine(model, latent, history.to(device), rows[None])[0, :REPLAN_EVERY].float())
@@ -340,20 +341,20 @@ def run_planning(model, cfg, args, out, sample_steps):
     device = next(model.parameters()).device
     dtype, reason = iwm.choose_dtype(iwm.Config(dtype=args.plan_dtype), device.type)
     autocast = iwm.autocast_to(device.type, dtype)
-    print(f"planning: CEM, {GOAL_STEPS + EXTRA_STEPS} model steps per episode, replanning every {REPLAN_EVERY}; "
-          f"precision {dtype} ({reason})")
+    print(f"planning: CEM ({args.plan_iterations} iterations), {GOAL_STEPS + EXTRA_STEPS} model steps per episode, "
+          f"replanning every {REPLAN_EVERY}; precision {dtype} ({reason})")
     results, seconds = {}, []
     for kind_index, kind in enumerate(["turning", "walking"]):
         wins = {"plan": 0, "random": 0}
         for trial in tqdm(range(args.trials), desc=f"{kind} goals", unit="trial", leave=False):
-            world, goal_frame, goal_state = make_goal(20_000 + 1000 * kind_index + trial, kind, cfg)
+            world, goal_frame, goal_state = make_goal(args.goal_seed + 1000 * kind_index + trial, kind, cfg)
             with torch.no_grad():
                 goal_latent = model.encode_target(torch.from_numpy(goal_frame)[None, None].to(device))[0, 0]
             for policy in wins:
                 generator = torch.Generator().manual_seed(args.seed * 100_000 + trial)
                 episode_world = copy.deepcopy(world)
-                seen, imagined, rows, plan_seconds = run_episode(model, episode_world, goal_latent, cfg,
-                                                                 policy, generator, autocast)
+                seen, imagined, rows, plan_seconds = run_episode(model, episode_world, goal_latent, cfg, policy,
+                                                                 generator, autocast, args.plan_iterations)
                 wins[policy] += reached(episode_world.state(), goal_state, kind)
                 seconds += plan_seconds
                 if policy == "plan" and trial < args.n:
@@ -367,6 +368,7 @@ def run_planning(model, cfg, args, out, sample_steps):
         results[kind] = {policy: wins[policy] / args.trials for policy in wins}
         print(f"{kind} goals: planner {wins['plan']}/{args.trials} = {results[kind]['plan']:.0%}, "
               f"random policy {wins['random']}/{args.trials} = {results[kind]['random']:.0%}")
+    results["goal_seed"], results["plan_iterations"] = args.goal_seed, args.plan_iterations
     results["seconds_per_plan"] = {"mean": float(np.mean(seconds)), "max": float(np.max(seconds))}
     print(f"time per plan: mean {np.mean(seconds):.2f} s, max {np.max(seconds):.2f} s ({len(seconds)} plans, {device})")
     return results
@@ -393,6 +395,10 @@ def main(argv=None):
     parser.add_argument("--surprise", action="store_true", help="prediction error around a teleport (built-in world)")
     parser.add_argument("--plan", action="store_true", help="goal reaching by planning in the built-in world")
     parser.add_argument("--trials", type=int, default=50, help="--plan: goals of each kind; --surprise: episodes")
+    parser.add_argument("--goal_seed", type=int, default=20_000,
+                        help="--plan: world seed of the first turning goal (walking goals start 1000 later); "
+                             "another value gives goals no setting was tuned on")
+    parser.add_argument("--plan_iterations", type=int, default=4, help="--plan: CEM iterations per plan")
     parser.add_argument("--plan_dtype", default="auto", help="--plan: float32 | bfloat16 | auto (as iwm.py chooses)")
     args = parser.parse_args(argv)
     scripts = args.actions.split(",") if args.actions else []

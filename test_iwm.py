@@ -724,8 +724,10 @@ def test_sample_py_plan_probe_and_surprise_write_their_results(builtin_dataset, 
     import sample
     iwm.train(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=3))
     common = ["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "s"), "--sample_steps", "2"]
-    sample.main(common + ["--plan", "--trials", "2", "--n", "1", "--scale", "1", "--plan_dtype", "float32"])
+    sample.main(common + ["--plan", "--trials", "2", "--n", "1", "--scale", "1", "--plan_dtype", "float32",
+                          "--goal_seed", "7"])
     results = json.load(open(tmp_path / "s" / "plan.json"))
+    assert results["goal_seed"] == 7
     for kind in ("turning", "walking"):
         assert set(results[kind]) == {"plan", "random"} and all(0 <= v <= 1 for v in results[kind].values())
     assert 0 < results["seconds_per_plan"]["mean"] <= results["seconds_per_plan"]["max"]
