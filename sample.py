@@ -295,7 +295,7 @@ def reached(state, goal, kind):
     return close and (kind == "turning" or np.linalg.norm(state[2:] - goal[2:]) <= 1.5)
 
 
-def run_episode(model, world, goal_latent, cfg, policy, generator, autocast, iterations=4):
+def run_episode(model, world, goal_latent, cfg, policy, generator, autocast, iterations):
     """Model-predictive control: plan, execute REPLAN_EVERY steps, see, plan again, until the
     budget is spent. policy "plan" uses CEM; "random" draws controls uniformly from the same box.
     Returns the frames seen, the latents imagined for each step, the executed rows, plan times."""
