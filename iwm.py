@@ -828,7 +828,7 @@ def imagine(model, latent, history, rows):
     """Roll out planned per-frame action rows (P, T * frame_skip, A) from one latent (N, D),
     given the K recorded rows before it, history (K, A). Returns latents (P, T, N, D)."""
     K, skip = history.shape[0], model.cfg.frame_skip
-    rows = torch.cat([history.expand(len(rows), -1, -1), rows], dim=1)
+    rows = torch.cat([history.expand(len(rows), -1, -1), rows.to(history.device)], dim=1)   # rows may be on the CPU
     steps = (rows.shape[1] - K) // skip
     # step k's window: the K rows before frame (k + 1) * skip, as action_window gives in training
     windows = torch.stack([rows[:, (k + 1) * skip:(k + 1) * skip + K] for k in range(steps)], dim=1)

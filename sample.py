@@ -301,7 +301,7 @@ def run_episode(model, world, goal_latent, cfg, policy, generator, autocast, ite
     Returns the frames seen, the latents imagined for each step, the executed rows, plan times."""
     device = next(model.parameters()).device
     steps = GOAL_STEPS + EXTRA_STEPS
-    history = torch.zeros(cfg.action_window, len(prepare_data.ACTION_COLUMNS))   # standing still
+    history = torch.zeros(cfg.action_window, len(prepare_data.ACTION_COLUMNS), device=device)   # standing still
     seen, imagined, executed, seconds = [prepare_data.dataset_frame(world.frame(), cfg.image_size)], [], [], []
     controls = None
     for step in range(0, steps, REPLAN_EVERY):
@@ -313,18 +313,18 @@ def run_episode(model, world, goal_latent, cfg, policy, generator, autocast, ite
                 latent = model.encode(torch.from_numpy(seen[-1])[None, None].to(device))[0, 0]
                 started = time.perf_counter()
                 init = None if controls is None else controls[REPLAN_EVERY:]
-                controls, _ = iwm.plan(model, latent, goal_latent, history.to(device), horizon, init, generator,
+                controls, _ = iwm.plan(model, latent, goal_latent, history, horizon, init, generator,
                                        iterations=iterations)
                 seconds.append(time.perf_counter() - started)
                 rows = iwm.controls_to_rows(controls, cfg.frame_skip)
-                imagined.extend(iwm.imagine(model, latent, history.to(device), rows[None])[0, :REPLAN_EVERY].float())
+                imagined.extend(iwm.imagine(model, latent, history, rows[None])[0, :REPLAN_EVERY].float())
         rows = iwm.controls_to_rows(controls[:REPLAN_EVERY], cfg.frame_skip)
         for k, row in enumerate(rows.numpy()):
             world.step(prepare_data.input_from_action(row))
             if (k + 1) % cfg.frame_skip == 0:
                 seen.append(prepare_data.dataset_frame(world.frame(), cfg.image_size))
         executed.append(rows)
-        history = torch.cat([history, rows])[-cfg.action_window:]
+        history = torch.cat([history, rows.to(device)])[-cfg.action_window:]
     return seen, imagined, torch.cat(executed).numpy(), seconds
 
 
@@ -374,6 +374,13 @@ def run_planning(model, cfg, args, out, sample_steps):
     return results
 
 
+def write_results(out, name, args, step, **results):
+    """out/<name>.json: which checkpoint and step, then the results; written atomically."""
+    path = os.path.join(out, f"{name}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"checkpoint": args.ckpt, "step": step, **results}, f, indent=1)
+    os.replace(path + ".tmp", path)
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -420,8 +427,7 @@ def main(argv=None):
             name, results = "plan", run_planning(model, cfg, args, out, sample_steps)
         else:
             name, results = "surprise", run_surprise(model, cfg, args)
-        with open(os.path.join(out, f"{name}.json"), "w") as f:
-            json.dump({"checkpoint": args.ckpt, "step": step, "trials": args.trials, **results}, f, indent=1)
+        write_results(out, name, args, step, trials=args.trials, **results)
         return
     if args.video:
         episodes = [episode_from_video(args.video, cfg.image_size)]
@@ -433,8 +439,7 @@ def main(argv=None):
             raise SystemExit(f"error: {e}")
         if args.probe:
             scores = run_probes(model, cfg, train_episodes, episodes, args)
-            with open(os.path.join(out, "probe.json"), "w") as f:
-                json.dump({"checkpoint": args.ckpt, "step": step, "r_squared": scores}, f, indent=1)
+            write_results(out, "probe", args, step, r_squared=scores)
             return
     autocast = contextlib.nullcontext()    # sampling runs in full precision
     try:
@@ -457,10 +462,9 @@ def main(argv=None):
         print(f"{row['h']:2d} | {row['pred_copy']:16.3f} | {row['psnr_prediction']:17.2f} | "
               f"{row['psnr_prediction_mean']:15.2f} | {row['psnr_repeat_start']:12.2f} | {row['psnr_reconstruction']:14.2f}")
     print(f"action sensitivity {metrics['action_sensitivity']:.2f}, target std {metrics['target_std']:.3f}")
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump({"checkpoint": args.ckpt, "step": step, "sample_steps": sample_steps, "windows": args.windows,
-                   "action_sensitivity": metrics["action_sensitivity"], "target_std": metrics["target_std"],
-                   "per_horizon": table}, f, indent=1)
+    write_results(out, "metrics", args, step, sample_steps=sample_steps, windows=args.windows,
+                  action_sensitivity=metrics["action_sensitivity"], target_std=metrics["target_std"],
+                  per_horizon=table)
 
     # The GIFs
     seconds = []
