@@ -788,23 +788,30 @@ def surprise(model, frames, actions):
     return jepa_loss(model.predict_next(latents[:-1], actions), targets[1:]).mean(dim=-1)
 
 
-def cem(cost, mean, std, low, high, iterations=8, population=32, elites=6, correlation=0.0, generator=None):
+def cem(cost, mean, std, low, high, iterations=8, population=32, elites=6, keep=3, correlation=0.0,
+        generator=None):
     """The cross-entropy method: minimise cost over a box [low, high]. Sample a population
     around mean (Gaussian, std), score every sample, refit mean and std to the best `elites`,
     repeat. cost maps (population, *mean.shape) samples to (population,) costs. With
     correlation > 0 the noise is correlated along the first axis (time, for action sequences):
     each sample shares one offset across it, so steady turns are drawn as often as jittery ones.
-    Returns the final mean (the plan) and the best sample's cost."""
+    As in iCEM (Pinneri et al. 2020), the best `keep` samples of one iteration join the next
+    population, and the best sample is returned rather than the mean: when the elites sit in
+    two modes (turn left, turn right), their mean can be worse than either.
+    Returns the best sample (the plan) and its cost."""
+    kept = mean[None][:0]                                       # no samples carried over yet
     for _ in range(iterations):
         shared = torch.randn((population, 1, *mean.shape[1:]), generator=generator)
         own = torch.randn((population, *mean.shape), generator=generator)
         noise = correlation * shared + math.sqrt(1 - correlation ** 2) * own     # still unit variance
         samples = torch.maximum(torch.minimum(mean + std * noise, high), low)
-        samples[0] = mean                                       # keep the current plan in the running
+        samples[0] = mean                                       # keep the current plan in the running,
+        samples[1:1 + len(kept)] = kept                         # and the last iteration's best
         costs = cost(samples)
         best = samples[costs.argsort()[:elites]]
+        kept = best[:keep]
         mean, std = best.mean(dim=0), best.std(dim=0)
-    return mean, costs.min().item()
+    return best[0], costs.min().item()     # carried over, so the best of all iterations
 
 
 # What the planner controls, per model step (each held for frame_skip frames): camera yaw and
@@ -840,7 +847,9 @@ def plan(model, latent, goal, history, horizon, init=None, generator=None, corre
     """Controls (horizon, 3) whose imagined last latent is closest to the goal latent (N, D).
     init: a previous plan to start from (model-predictive control shifts and reuses it).
     correlation 0.9 (time-correlated samples) took turning goals from 60% to 90% in 20 trials;
-    4 CEM iterations plan as well as 8 on held-out goals, in half the time (README, Planning)."""
+    4 CEM iterations plan as well as 8 on held-out goals, in half the time; carrying the best
+    samples over and returning the best one took turning goals from 74% to 82% over 150
+    (README, Planning)."""
     def cost(controls):
         final = imagine(model, latent, history, controls_to_rows(controls, model.cfg.frame_skip))[:, -1]
         return jepa_loss(final, goal.expand_as(final)).mean(dim=-1).float().cpu()

@@ -676,6 +676,19 @@ def test_cem_finds_the_minimum_of_a_known_cost_and_respects_the_box():
     assert best_cost == pytest.approx(0.25, abs=0.01)                    # (1.5 - 1)^2 is unavoidable
 
 
+def test_cem_returns_its_best_sample_not_a_mean_between_two_optima():
+    def cost(x):                                  # two equally good plans: all +1 or all -1
+        return torch.minimum((x - 1).pow(2).sum(dim=(1, 2)), (x + 1).pow(2).sum(dim=(1, 2)))
+
+    low, high = torch.full((1,), -2.0), torch.full((1,), 2.0)
+    for seed in range(5):
+        plan, plan_cost = iwm.cem(cost, torch.zeros(4, 1), torch.ones(4, 1), low, high, iterations=3,
+                                  generator=torch.Generator().manual_seed(seed))
+        assert cost(plan[None]).item() == pytest.approx(plan_cost)    # the cost reported is the plan's
+        assert plan_cost < cost(torch.zeros(1, 4, 1)).item() / 4      # far better than the start (4.0)
+        assert (plan > 0).all() or (plan < 0).all(), plan             # in one of the two modes
+
+
 def test_ridge_probe_recovers_a_known_linear_map_and_scores_noise_as_zero():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 8, generator=g) * torch.linspace(1, 10, 8)    # features of unequal scales
