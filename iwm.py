@@ -1,68 +1,66 @@
 """
 iwm.py: an action-conditioned JEPA image world model for Minecraft-style video, in one file.
 
-What it is. A world model answers "if I press these keys and move the mouse like this, what
-will I see next?". This one answers in latent space (a JEPA):
+A world model answers "if I press these keys and move the mouse like this, what will I see
+next?". This one answers in latent space (a JEPA):
 
     frame t --encoder--> tokens z_t --action_conditioner(last 25 actions)--> --predictor--> z_t+1
     frame t+1 --target_encoder (EMA copy of the encoder)--> target tokens; loss = MSE per token
 
-and feeds its own predictions back for a few steps (a short open-loop rollout) so long
+It feeds its own predictions back for a few steps (a short open-loop rollout) so that long
 rollouts do not drift. A diffusion decoder, trained in the same run on detached latents (it
-never shapes them), turns latents back into pictures so people can watch the predictions:
+never shapes them), turns latents back into pictures so that people can watch predictions:
 
     noise --decoder(latent tokens, diffusion time t)--> Euler steps --> frame
 
-Notable choices (each fixes a fault of the system we reproduce, see shared/docs/design.md):
-  - every one of the 25 action tokens has its own temporal position (not an unordered bag)
+Notable choices (docs/faults.md lists the faults of the original system each one fixes):
+  - each of the 25 action tokens has its own temporal position (not an unordered bag)
   - the target encoder is an EMA copy in eval mode, momentum 0.996 -> 1.0, saved in checkpoints
-  - latents are layer-normalised over the feature axis (no affine) and the loss is per token
+  - latents are layer-normalised over the feature axis (no affine); the loss is per token
   - pixels are normalised to [-1, 1] on the device; actions are scaled in one place (scale_actions)
-  - the predictor predicts a change to the current latent (starts as "copy the last latent")
-  - mixed precision, gradient clipping, no weight decay on norms, biases and positions
-  - every eval reports pred/copy per horizon, action sensitivity and the collapse watch
-  - the decoder is a real diffusion model (rectified flow, DiT with adaLN-Zero), not a
-    pixel regressor, and puts each latent token's content into that token's own patch
+  - the predictor predicts a change to the current latent (it starts as "nothing changes")
+  - the decoder is a real diffusion model (rectified flow, a DiT with adaLN-Zero) that draws
+    each latent token into that token's own patch
+  - every evaluation reports pred/copy per horizon, action sensitivity, the collapse watch,
+    and the PSNR and sharpness of decoded predictions next to "nothing moves"
 
-Shape legend: B batch, S frames in a window (rollout + 1), R rollout steps, N tokens per frame,
-D width, E decoder width, K action window (25), A action columns, H/W pixels, p patch size.
+Shape legend: B batch, S frames in a window, R rollout steps, N tokens per frame, D width,
+E decoder width, K action window (25), A action columns, H/W pixels, p patch size.
 
 Commands:
-    python prepare_data.py --synthetic 64       # the built-in world's quickstart dataset
-    python iwm.py --steps 1500                  # train (tiny preset on CPU, base on a GPU)
+    python iwm.py --steps 1500                  # train (builds the built-in dataset if missing)
     python iwm.py --steps 3000 --resume         # continue the run in --out_dir up to step 3000
-    python iwm.py --decoder_only runs/iwm/ckpt.pt --steps 1500   # a new decoder, frozen world model
     python iwm.py --size base --bench 20        # time 20 steps on random data: FLOP/s, memory
     torchrun --nproc_per_node=4 iwm.py --steps 3000   # one process per GPU (DistributedDataParallel)
     python iwm.py --help                        # every flag, generated from Config below
 
 Reading order: config -> helpers -> attention and blocks -> encoder -> action conditioner ->
-predictor -> diffusion decoder -> world model, loss and EMA -> data -> evaluation ->
-using the world model (probes, surprise, CEM planning) -> checkpoints -> training (with
-torchrun) -> benchmark -> main.
+predictor -> diffusion decoder -> world model, loss and EMA -> data -> evaluation -> planning
+in latent space -> checkpoints -> training -> benchmark -> main.
 """
 import argparse
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from prepare_data import ACTION_COLUMNS, load_dataset
+import prepare_data
+from prepare_data import ACTION_COLUMNS
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass, every field a flag (--steps 3000 --size tiny)
@@ -74,7 +72,7 @@ class Config:
     size: str = "auto"               # tiny | small | base; auto: base on a CUDA GPU, tiny on CPU
     image_size: int = 64             # pixels (square); frames of another size are resized on the device
     patch_size: int = 8              # pixels per patch side; N = (image_size / patch_size)^2 tokens
-    width: int = 128                 # D, token width of every part
+    width: int = 128                 # D, token width of the encoder, conditioner and predictor
     heads: int = 4                   # attention heads
     encoder_depth: int = 4           # transformer blocks in the encoder
     encoder_mlp_ratio: float = 4.0   # MLP hidden width / D
@@ -82,12 +80,12 @@ class Config:
     conditioner_mlp_ratio: float = 4.0
     predictor_depth: int = 4         # transformer blocks in the predictor
     predictor_mlp_ratio: float = 4.0
-    decoder_width: int = 128         # the diffusion decoder's token width (it has its own size)
+    decoder_width: int = 128         # E, the diffusion decoder's token width
     decoder_depth: int = 4           # DiT blocks in the decoder
     decoder_heads: int = 4
     decoder_mlp_ratio: float = 4.0
     # --- data ---
-    data: str = "data/builtin"       # a dataset folder made by prepare_data.py
+    data: str = "data/builtin"       # a dataset folder made by prepare_data.py (built if missing)
     frame_skip: int = 4              # raw frames per model step (VPT is 20 fps: 4 -> 0.2 s)
     action_window: int = 25          # K: per-frame actions the conditioner sees for one step
     # --- training ---
@@ -96,20 +94,15 @@ class Config:
     grad_accum: int = 1              # micro-batches per optimizer step
     rollout: int = 2                 # R: open-loop prediction steps in the loss (V-JEPA 2-AC uses 2+)
     lr: float = 1e-3                 # peak learning rate (AdamW)
-    decoder_lr_scale: float = 10.0   # decoder lr = lr * this. Its latent-to-pixel map is badly
-                                     # conditioned: after 600 steps 17.8 dB at 1x, 20.3 dB at 10x
+    decoder_lr_scale: float = 10.0   # decoder lr = lr * this: its latent-to-pixel map is badly
+                                     # conditioned and learns far slower at the world model's lr
     min_lr_ratio: float = 0.1        # the cosine schedule ends at lr * this
     warmup_steps: int = 200          # linear warmup from 0 to lr
     weight_decay: float = 0.05       # on weight matrices only
     grad_clip: float = 1.0           # max global gradient norm
     ema_start: float = 0.996         # target encoder momentum at step 0 (I-JEPA)
     ema_end: float = 1.0             # ... rising linearly to this at the last step
-    decoder_on_predicted: float = 0.0  # share of decoder examples conditioned on the predictor's
-                                     # own (detached) outputs instead of target latents. Measured
-                                     # (README): 0.5 made decoded predictions and reconstructions
-                                     # worse than 0 on the quickstart world model, so 0 it is
-    decoder_only: str = ""           # a world-model checkpoint: freeze it, train only the decoder
-    sample_steps: int = 10           # Euler steps when the decoder draws a frame (more: slower, finer)
+    euler_steps: int = 10            # Euler steps when the decoder draws a frame (more: slower, finer)
     dtype: str = "auto"              # float32 | bfloat16 | float16 (autocast); auto: see choose_dtype
     grad_ckpt: bool = False          # activation checkpointing: recompute each block's activations
                                      # in the backward pass instead of storing them (less memory)
@@ -121,15 +114,13 @@ class Config:
     eval_every: int = 500            # steps between validation lines
     eval_windows: int = 256          # validation windows (from validation episodes only)
     eval_horizon: int = 8            # pred/copy is reported for h = 1..this
-    eval_psnr_windows: int = 32      # of those, windows whose frames the decoder draws for PSNR
+    eval_psnr_windows: int = 32      # of those, windows whose frames the decoder draws (0: none)
     ckpt_every: int = 500            # steps between checkpoints
     out_dir: str = "runs/iwm"        # checkpoint, log and resolved config go here
     resume: bool = False             # continue from <out_dir>/ckpt.pt
 
 
-# Presets: model sizes, with the batch and learning rate that suit them. `base` matches the
-# original system's parameter counts (encoder ~114M, action conditioner ~43M, predictor ~213M,
-# decoder ~141M) within 5%; test_iwm.py counts them.
+# Presets: model sizes, with the batch and learning rate that suit them.
 PRESETS = {
     # learns the built-in world on a 2-core CPU in minutes (the quickstart)
     "tiny": dict(image_size=64, patch_size=8, width=128, heads=4, encoder_depth=4,
@@ -137,23 +128,61 @@ PRESETS = {
     "small": dict(image_size=64, patch_size=8, width=256, heads=8, encoder_depth=6,
                   conditioner_depth=3, predictor_depth=6, decoder_width=256, decoder_depth=6,
                   decoder_heads=8, batch_size=32, grad_accum=1, lr=6e-4),
-    # the original's shapes: 224 px, patch 16 (196 tokens), width 768, 12 heads, encoder 16 blocks.
-    # The original's conditioner had 16 cross-attention layers without MLPs; ours has MLPs, so
-    # 6 blocks give the same ~43M. Its predictor had 12 blocks with MLP x12 (~198M by our count
-    # of its description, short of its reported 213M): MLP x13 lands on 213M.
-    # The original's decoder: 12 blocks, width 768, 8 heads, MLP x8 (~141M), with no timestep
-    # conditioning. Ours adds adaLN-Zero (6 D^2 per block), so MLP x5 keeps it near: ~146M.
-    # Memory for a 12 GB GPU (python iwm.py --size base --bench 1 ..., see README): fp32 weights,
-    # gradients and AdamW moments take 8.13 GiB; the activations of a micro-batch of 8 take
-    # 5.2 GiB without activation checkpointing (too much) and 0.35 GiB with it.
+    # The original's sizes (encoder ~114M, conditioner ~43M, predictor ~213M, decoder ~141M; a test
+    # checks ours within 5%): 224 px, patch 16, width 768. Its conditioner had 16 cross-attention
+    # layers without MLPs; ours has MLPs, so 6 blocks give the same size. Its predictor had MLP x12;
+    # x13 lands on its reported 213M. Its decoder had no timestep conditioning; ours adds adaLN-Zero,
+    # so MLP x5 instead of x8 keeps the size. Activation checkpointing keeps a micro-batch of 8
+    # inside a 12 GB GPU (docs/memory.md has the arithmetic).
     "base": dict(image_size=224, patch_size=16, width=768, heads=12, encoder_depth=16,
                  conditioner_depth=6, predictor_depth=12, predictor_mlp_ratio=13.0,
                  decoder_width=768, decoder_depth=12, decoder_heads=8, decoder_mlp_ratio=5.0,
                  batch_size=8, grad_accum=4, lr=3e-4, grad_ckpt=True),
 }
-WORLD_MODEL_FIELDS = ["image_size", "patch_size", "width", "heads", "encoder_depth", "encoder_mlp_ratio",
-                      "conditioner_depth", "conditioner_mlp_ratio", "predictor_depth", "predictor_mlp_ratio"]
-DECODER_FIELDS = ["decoder_width", "decoder_depth", "decoder_heads", "decoder_mlp_ratio"]
+MODEL_FIELDS = ["image_size", "patch_size", "width", "heads", "encoder_depth", "encoder_mlp_ratio", "conditioner_depth",
+                "conditioner_mlp_ratio", "predictor_depth", "predictor_mlp_ratio", "decoder_width", "decoder_depth",
+                "decoder_heads", "decoder_mlp_ratio"]         # the fields that shape the weights
+MAY_BE_ZERO = {"warmup_steps", "weight_decay", "bench", "eval_psnr_windows"}
+FRACTIONS = {"min_lr_ratio", "ema_start", "ema_end"}
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def check_config(cfg):
+    """Refuse settings that make no sense before any work starts, naming the flag and its range."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.type not in (int, float) or f.name == "seed":
+            continue
+        if f.name in FRACTIONS:
+            ok, rule = 0 <= value <= 1, "between 0 and 1"
+        elif f.name in MAY_BE_ZERO:
+            ok, rule = value >= 0, "0 or more"
+        else:
+            ok, rule = value > 0, "at least 1" if f.type is int else "above 0"
+        if not ok:
+            raise ValueError(f"--{f.name} {value}: must be {rule}")
+    for width, heads in (("width", "heads"), ("decoder_width", "decoder_heads")):
+        if getattr(cfg, width) % getattr(cfg, heads) or getattr(cfg, width) % 4:
+            raise ValueError(f"--{width} {getattr(cfg, width)}: must be divisible by 4 and by "
+                             f"--{heads} {getattr(cfg, heads)}")
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"--image_size {cfg.image_size}: must be divisible by --patch_size {cfg.patch_size}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype {cfg.dtype}: choose one of {', '.join(DTYPES)}")
+    if cfg.size not in PRESETS:
+        raise ValueError(f"--size {cfg.size}: choose one of auto, {', '.join(PRESETS)}")
+    check_device(cfg.device)
+
+
+def check_device(device):
+    """auto, cpu, cuda or cuda:N, and a CUDA device only where there is one."""
+    if device in ("auto", "cpu"):
+        return
+    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"--device {device}: choose auto, cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0 or (device != "cuda" and int(device[5:]) >= count):
+        raise ValueError(f"--device {device}: this machine has {count} CUDA GPUs; use --device cpu")
 
 # -----------------------------------------------------------------------------
 # Small helpers
@@ -217,8 +246,8 @@ class Attention(nn.Module):
         k, v = self.key_value(context).view(B, M, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         if x.is_cuda:       # the fused kernel: fast and memory-light on a GPU
             x = F.scaled_dot_product_attention(q, k, v)                                 # (B, h, N, D/h)
-        else:               # the same formula spelled out: on CPU the fused kernel's backward is
-                            # slow for our short sequences (small preset: 1.3 s -> 1.1 s per step)
+        else:               # the same formula spelled out: on CPU the fused kernel's backward
+                            # is slower than this for our short sequences (docs/experiments.md)
             weights = (q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)).softmax(dim=-1)   # (B, h, N, M)
             x = weights @ v                                                             # (B, h, N, D/h)
         return self.out(x.transpose(1, 2).reshape(B, N, D))                             # (B, N, D)
@@ -345,8 +374,7 @@ class Predictor(nn.Module):
 # patch (128 < 8*8*3 here) cannot carry, while a clean image is easy to squeeze through.
 # The loss is the velocity error weighted by t^2, which is exactly the clean-image error:
 # every noise level counts the same in pixel space. (Unweighted, the nearly clean end, where
-# the task is "copy the input", would weigh up to 1/MIN_T^2 = 400 times more, and the decoder
-# learned to read the latent far more slowly: 18 dB instead of 25+ after 1200 steps.)
+# the task is "copy the input", would weigh up to 1/MIN_T^2 = 400 times more.)
 
 
 def rectified_flow_loss(predict_clean, x0):
@@ -361,12 +389,12 @@ def rectified_flow_loss(predict_clean, x0):
 
 
 @torch.no_grad()
-def rectified_flow_sample(velocity, shape, steps, generator=None, device="cpu"):
-    """Start from noise at t = 1 and take `steps` Euler steps of size 1/steps down to t = 0."""
+def rectified_flow_sample(velocity, shape, euler_steps, generator=None, device="cpu"):
+    """Start from noise at t = 1 and take euler_steps steps of size 1/euler_steps down to t = 0."""
     x = torch.randn(shape, generator=generator, device=device)
-    for i in range(steps):
-        t = torch.full((shape[0],), 1 - i / steps, device=device)
-        x = x - velocity(x, t).float() / steps
+    for i in range(euler_steps):
+        t = torch.full((shape[0],), 1 - i / euler_steps, device=device)
+        x = x - velocity(x, t).float() / euler_steps
     return x
 
 
@@ -406,8 +434,9 @@ class Decoder(nn.Module):
     """Predicts the clean frame from a noisy one, given the frame's latent tokens.
 
     Latent token i belongs to image patch i (same grid), so it is added to the i-th noisy
-    patch token and read out into patch i: that is where the decoder must draw what it encodes. Their mean, summed with
-    the time embedding, conditions every block through adaLN-Zero (DiT's summed vector)."""
+    patch token and read out into patch i: that is where the decoder must draw what it
+    encodes. Their mean, summed with the time embedding, conditions every block through
+    adaLN-Zero (DiT's summed vector)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -424,8 +453,8 @@ class Decoder(nn.Module):
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(E, 2 * E))
         self.patch_out = nn.Linear(E, 3 * p * p)
         # A linear readout from latent token i straight to the pixels of patch i: the latents
-        # keep most of their patch linearly (a least-squares readout alone reaches ~33 dB), so
-        # this skip draws the picture at once and the blocks learn the rest from the noisy input.
+        # keep most of their patch linearly, so this skip draws the picture at once and the
+        # blocks learn the rest from the noisy input.
         self.readout = nn.Linear(cfg.width, 3 * p * p)
         self.grad_ckpt = cfg.grad_ckpt
         self.initialize_weights()
@@ -471,10 +500,10 @@ class Decoder(nn.Module):
         clean = self(noisy, t, latent)
         return (noisy - clean) / t.clamp_min(MIN_T)[:, None, None, None]
 
-    def draw(self, latent, steps, generator=None):             # (B, N, D) -> (B, 3, H, W) in [-1, 1]
+    def draw(self, latent, euler_steps, generator=None):       # (B, N, D) -> (B, 3, H, W) in [-1, 1]
         size = self.grid * self.patch_size
         images = rectified_flow_sample(lambda x, t: self.velocity(x, t, latent),
-                                       (latent.shape[0], 3, size, size), steps, generator, latent.device)
+                                       (latent.shape[0], 3, size, size), euler_steps, generator, latent.device)
         return images.clamp(-1, 1)
 
 
@@ -544,14 +573,11 @@ class WorldModel(nn.Module):
         latent = self.encode(frames[:, :1])[:, 0]                        # (B, N, D)
         predictions = self.rollout(latent, actions)                      # (B, R, N, D)
         world_loss = jepa_loss(predictions, targets).mean()
-        # Step 2b: the decoder learns to draw one future frame per window from a detached latent
-        # (no decoder gradient reaches the JEPA: DINO-WM and LeWM plan worse when it does).
-        # With decoder_on_predicted > 0, that share of examples gets the predictor's own output
-        # instead of the target latent: the imperfect latents the decoder sees in rollouts.
+        # Step 2b: the decoder learns to draw one future frame per window from its target latent,
+        # detached: no decoder gradient reaches the JEPA (DINO-WM and LeWM plan worse when it does)
         B, R = actions.shape[:2]
         rows, step = torch.arange(B, device=frames.device), torch.randint(R, (B,), device=frames.device)
-        use_predicted = torch.rand(B, device=frames.device) < self.cfg.decoder_on_predicted
-        condition = torch.where(use_predicted[:, None, None], predictions[rows, step], targets[rows, step]).detach()
+        condition = targets[rows, step]                                   # (B, N, D), no gradient
         image = normalize_frames(frames[rows, step + 1], self.cfg.image_size)        # (B, 3, H, W)
         decoder_losses, t = rectified_flow_loss(lambda x, t: self.decoder(x, t, condition), image)
         info = {"world_loss": world_loss.detach(), "decoder_losses": decoder_losses.detach(), "decoder_t": t}
@@ -600,26 +626,26 @@ def action_window(actions, end, window):
 
 
 class WindowSampler:
-    """Uniformly random windows of `steps` + 1 frames, frame_skip apart, and for each step
-    the action window of that transition (design.md, "Time")."""
+    """Uniformly random windows of horizon + 1 frames, frame_skip apart, and for each model step
+    the action window of that transition (docs/data.md, "Time")."""
 
-    def __init__(self, episodes, steps, cfg):
-        span = steps * cfg.frame_skip
+    def __init__(self, episodes, horizon, cfg):
+        span = horizon * cfg.frame_skip
         self.episodes = [e for e in episodes if len(e["frames"]) > span]
         if not self.episodes:
-            raise ValueError(f"no episode is longer than {span} frames ({steps} steps of "
-                             f"frame_skip {cfg.frame_skip}): record longer episodes")
-        self.steps, self.frame_skip, self.window = steps, cfg.frame_skip, cfg.action_window
+            raise ValueError(f"no episode is longer than {span} frames ({horizon} model steps of "
+                             f"--frame_skip {cfg.frame_skip}): record longer episodes or ask for fewer steps")
+        self.horizon, self.frame_skip, self.window = horizon, cfg.frame_skip, cfg.action_window
         starts_per_episode = torch.tensor([len(e["frames"]) - span for e in self.episodes])
         self.first_start = torch.cumsum(starts_per_episode, 0) - starts_per_episode
         self.total = int(starts_per_episode.sum())
 
     def window_at(self, episode, start):
-        """Frames (S, H, W, 3) uint8 and action windows (steps, K, A) of one window."""
-        frame_numbers = start + self.frame_skip * np.arange(self.steps + 1)
+        """Frames (S, H, W, 3) uint8 and action windows (S - 1, K, A) of one window."""
+        frame_numbers = start + self.frame_skip * np.arange(self.horizon + 1)
         frames = np.asarray(episode["frames"][frame_numbers])   # reads just these frames
         actions = np.stack([action_window(episode["actions"], start + (k + 1) * self.frame_skip, self.window)
-                            for k in range(self.steps)])
+                            for k in range(self.horizon)])
         return frames, actions
 
     def sample_positions(self, batch_size, generator):
@@ -636,21 +662,98 @@ class WindowSampler:
 
 
 def open_dataset(cfg):
-    """Load the dataset index and check it fits this model. Returns (train, val) episodes."""
-    index, episodes = load_dataset(cfg.data)
+    """Load the dataset and check it fits this model. Returns (index, train episodes, val episodes)."""
+    index, episodes = prepare_data.load_dataset(cfg.data)
     if index["action_columns"] != ACTION_COLUMNS:
         raise ValueError(f"{cfg.data}: its action columns differ from this code's; "
                          "re-run prepare_data.py to convert it again")
-    train = [e for e in episodes if e["split"] == "train"]
-    val = [e for e in episodes if e["split"] == "val"]
-    if not train or not val:
+    train_episodes = [e for e in episodes if e["split"] == "train"]
+    val_episodes = [e for e in episodes if e["split"] == "val"]
+    if not train_episodes or not val_episodes:
         raise ValueError(f"{cfg.data}: needs both train and validation episodes "
-                         f"(has {len(train)} and {len(val)}); add more episodes")
-    return index, train, val
+                         f"(has {len(train_episodes)} and {len(val_episodes)}); add more episodes")
+    return index, train_episodes, val_episodes
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: the numbers every file reports the same way (design.md, "What works means")
+# Training: the loop (its helpers come after the evaluation and the checkpoints)
+
+
+def fit(cfg):
+    """Train (or resume) a world model as cfg says. Returns (model, the last evaluation's metrics)."""
+    check_config(cfg)
+    rank, local_rank, world_size = start_processes()
+    say = print if rank == 0 else (lambda *args, **kwargs: None)     # only rank 0 talks and writes
+    device, dtype = choose_hardware(cfg, local_rank, world_size, say)
+    torch.manual_seed(cfg.seed)
+    sampler, val_frames, val_actions, ckpt_path = prepare_run(cfg, say)
+    model = WorldModel(cfg).to(device)     # the same seed in every process: the same initial weights
+    for part, n in count_parameters(model).items():
+        say(f"  {part}: {n / 1e6:.2f}M parameters")
+    if rank:
+        torch.manual_seed(cfg.seed + rank)                           # each process its own noise
+    optimizer, scaler = make_optimizer(model, cfg, device.type, dtype)
+    generator = torch.Generator().manual_seed(cfg.seed + rank)       # each process its own windows
+    step = resume(ckpt_path, model, optimizer, scaler, generator, rank, world_size, say) if cfg.resume else 0
+    if cfg.compile:
+        compile_parts(model)
+    trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    autocast = autocast_to(device.type, dtype)
+    log = open_log(cfg, step) if rank == 0 else None
+    metrics, speeds, stopping = {}, [], False
+    decoder_by_t = torch.zeros(2, 4)       # sums and counts of the decoder loss in 4 bins of t
+    model.train()
+    with stop_requests() as requests, tqdm(total=cfg.steps, initial=step, desc="train", unit="step",
+                                           dynamic_ncols=True, disable=rank > 0) as bar:
+        while step < cfg.steps and not stopping:
+            started = time.perf_counter()
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            # Steps 1 and 2 (in WorldModel.forward): targets from the EMA encoder, predictions, loss
+            loss, world_loss = accumulate_gradients(trained, sampler, generator, scaler, autocast, device, cfg,
+                                                    world_size, decoder_by_t)
+            loss, world_loss, stops = sum_over_processes([loss, world_loss, len(requests)], world_size)
+            loss, world_loss, stopping = loss / world_size, world_loss / world_size, stops > 0
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {step}; stopping without saving, so "
+                                         f"{ckpt_path} holds the last good state. Try a lower --lr or --dtype float32")
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            # Step 3: the target encoder follows the encoder
+            model.update_target(ema_momentum(step, cfg))
+            step += 1
+            speeds.append(world_size * cfg.batch_size * cfg.grad_accum / (time.perf_counter() - started))
+            bar.update(1)
+            bar.set_postfix(world=f"{world_loss:.4f}", decoder=f"{loss - world_loss:.4f}")
+            record = {"step": step, "loss": loss, "world_loss": world_loss, "decoder_loss": loss - world_loss,
+                      "lr": lr, "grad_norm": grad_norm.item(), "samples_per_s": speeds[-1]}
+            if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+                metrics = evaluate(model, val_frames, val_actions, device, autocast, cfg.eval_psnr_windows,
+                                   cfg.euler_steps)
+                metrics["decoder_loss_by_t"] = (decoder_by_t[0] / decoder_by_t[1].clamp_min(1)).tolist()
+                decoder_by_t.zero_()
+                record.update(metrics)
+                tqdm.write(format_eval(step, metrics))
+            if log:
+                log.write(json.dumps(record) + "\n")
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
+                save_run(ckpt_path, model, optimizer, scaler, step, cfg, generator, rank, world_size, log)
+    if world_size > 1:
+        dist.destroy_process_group()
+    say(f"{len(speeds)} steps: median {np.median(speeds):.1f} samples/s ({cfg.size}, {cfg.dtype})" if speeds
+        else f"{ckpt_path} is at step {step} already: raise --steps to train on")
+    if stopping:
+        say(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
+        raise SystemExit(128 + requests[0] if requests else 130)
+    return model, metrics
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: the numbers every file reports the same way (docs/metrics.md)
 
 
 def psnr(images, reference):
@@ -659,23 +762,30 @@ def psnr(images, reference):
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
 
 
+def sharpness(images):
+    """Variance of the Laplacian of the grey image, per image (a standard focus measure): blur
+    lowers it, hard patch edges raise it. images (..., 3, H, W) -> (...)."""
+    grey = torch.einsum("...chw,c->...hw", images.float(), torch.tensor([0.299, 0.587, 0.114], device=images.device))
+    laplacian = (grey[..., :-2, 1:-1] + grey[..., 2:, 1:-1] + grey[..., 1:-1, :-2] + grey[..., 1:-1, 2:]
+                 - 4 * grey[..., 1:-1, 1:-1])
+    return laplacian.flatten(-2).var(dim=-1)
+
+
 @torch.no_grad()
-def evaluate(model, frames, actions, device, autocast, psnr_windows=0, sample_steps=10, chunk=64):
-    """On fixed validation windows: val loss, pred/copy for h = 1..H, action sensitivity
-    (error with actions shuffled across windows / with the true ones) and target std.
-    With psnr_windows > 0, the decoder also draws the first psnr_windows windows' futures from
-    the predicted latents and from the target latents (reconstruction); their PSNR against the
-    true frames is reported per horizon, next to that of repeating the start frame. Predictions
-    are drawn twice: as samples (sample_steps Euler steps), which commit to one plausible future
-    and are sharp, and as the decoder's mean estimate (one step from t = 1), which is blurred
-    where the future is uncertain. PSNR rewards the mean; the eye prefers the sample."""
+def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_steps=10, chunk=64):
+    """On fixed validation windows: val loss, pred/copy for h = 1..H, action sensitivity (error
+    with actions shuffled across windows / with the true ones) and target std. With
+    psnr_windows > 0 the decoder also draws the first psnr_windows windows' futures from the
+    predicted latents and from the target latents (reconstruction): PSNR against the true frames
+    per horizon, next to that of repeating the start frame, and the sharpness of the drawn
+    predictions relative to the true frames' (1 = as sharp as the truth)."""
     was_training = model.training
     model.eval()
     horizon = actions.shape[1]
     predicted_error, copy_error, shuffled_error = torch.zeros(3, horizon)
     target_std = []
-    psnr_sums = {key: torch.zeros(horizon) for key in
-                 ("psnr_prediction", "psnr_prediction_mean", "psnr_reconstruction", "psnr_repeat_start")}
+    sums = {key: torch.zeros(horizon) for key in
+            ("psnr_prediction", "psnr_reconstruction", "psnr_repeat_start", "sharp_prediction", "sharp_truth")}
     generator = torch.Generator(device).manual_seed(0)          # the same noise every eval
     for i in range(0, len(frames), chunk):
         f, a = frames[i:i + chunk].to(device), actions[i:i + chunk].to(device)
@@ -691,35 +801,34 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, sample_st
         target_std.append(targets[:, 0].std(dim=0).mean().item())           # across the batch
         drawn_here = min(max(psnr_windows - i, 0), len(f))                  # of this chunk's windows
         if drawn_here:
-            sums = decoded_psnr(model, f[:drawn_here], targets[:drawn_here], predicted[:drawn_here],
-                                autocast, sample_steps, generator)
-            for key in psnr_sums:
-                psnr_sums[key] += sums[key]
+            for key, total in decoded_metrics(model, f[:drawn_here], targets[:drawn_here],
+                                              predicted[:drawn_here], autocast, euler_steps, generator).items():
+                sums[key] += total
     n = len(frames)
     metrics = {"val_loss": (predicted_error[:model.cfg.rollout].sum() / n / model.cfg.rollout).item(),
                "pred_copy": (predicted_error / copy_error).tolist(),
                "action_sensitivity": (shuffled_error.sum() / predicted_error.sum()).item(),
                "target_std": float(np.mean(target_std))}
     if psnr_windows:
-        metrics.update({key: (total / min(psnr_windows, n)).tolist() for key, total in psnr_sums.items()})
+        drawn = min(psnr_windows, n)
+        metrics.update({key: (sums[key] / drawn).tolist() for key in sums if key.startswith("psnr")})
+        metrics["sharpness"] = (sums["sharp_prediction"] / sums["sharp_truth"]).tolist()
     model.train(was_training)
     return metrics
 
 
-def decoded_psnr(model, frames, targets, predicted, autocast, sample_steps, generator):
-    """Per-horizon PSNR sums over these windows (b of them) of the decoded prediction (sampled
-    and 1-step mean), the reconstruction, and repeating the start frame, against the truth."""
+def decoded_metrics(model, frames, targets, predicted, autocast, euler_steps, generator):
+    """Per-horizon sums over these b windows: PSNR of the drawn prediction, of the reconstruction
+    and of repeating the start frame against the truth; sharpness of the prediction and the truth."""
     b, horizon = predicted.shape[:2]
     with autocast:
-        drawn = model.decoder.draw(predicted.flatten(0, 1), sample_steps, generator)
-        mean = model.decoder.draw(predicted.flatten(0, 1), 1, generator)
-        reconstructed = model.decoder.draw(targets[:, 1:].flatten(0, 1), sample_steps, generator)
+        drawn = model.decoder.draw(predicted.flatten(0, 1), euler_steps, generator).unflatten(0, (b, horizon))
+        rebuilt = model.decoder.draw(targets[:, 1:].flatten(0, 1), euler_steps, generator).unflatten(0, (b, horizon))
     truth = normalize_frames(frames[:, 1:], model.cfg.image_size)          # (b, H, 3, h, w)
     start = normalize_frames(frames[:, :1], model.cfg.image_size)          # (b, 1, 3, h, w)
-    return {"psnr_prediction": psnr(drawn.unflatten(0, (b, horizon)), truth).sum(0),
-            "psnr_prediction_mean": psnr(mean.unflatten(0, (b, horizon)), truth).sum(0),
-            "psnr_reconstruction": psnr(reconstructed.unflatten(0, (b, horizon)), truth).sum(0),
-            "psnr_repeat_start": psnr(start, truth).sum(0)}
+    return {"psnr_prediction": psnr(drawn, truth).sum(0), "psnr_reconstruction": psnr(rebuilt, truth).sum(0),
+            "psnr_repeat_start": psnr(start, truth).sum(0),
+            "sharp_prediction": sharpness(drawn).sum(0), "sharp_truth": sharpness(truth).sum(0)}
 
 
 def format_eval(step, metrics):
@@ -730,134 +839,12 @@ def format_eval(step, metrics):
             f"{row(metrics['pred_copy'], 2)} | action sensitivity {metrics['action_sensitivity']:.2f} | "
             f"target std {metrics['target_std']:.3f}")
     if "psnr_prediction" in metrics:
-        text += (f"\n  PSNR dB h=1..: prediction sample {row(metrics['psnr_prediction'], 1)} | mean "
-                 f"{row(metrics['psnr_prediction_mean'], 1)} | repeat start {row(metrics['psnr_repeat_start'], 1)} | "
-                 f"reconstruction {row(metrics['psnr_reconstruction'], 1)}")
+        text += (f"\n  PSNR dB h=1..: prediction {row(metrics['psnr_prediction'], 1)} | repeat start "
+                 f"{row(metrics['psnr_repeat_start'], 1)} | reconstruction {row(metrics['psnr_reconstruction'], 1)}"
+                 f"\n  sharpness of the prediction / the truth h=1..: {row(metrics['sharpness'], 2)}")
     if "decoder_loss_by_t" in metrics:
         text += f"\n  decoder loss by t (0-.25-.5-.75-1): {row(metrics['decoder_loss_by_t'], 4)}"
     return text
-
-
-# -----------------------------------------------------------------------------
-# Using the world model: linear probes, surprise, and planning in latent space
-
-
-POOLINGS = ["mean", "rows+columns"]
-
-
-@torch.no_grad()
-def pooled_latents(model, frames, chunk=256):
-    """Feature vectors per frame for probes, two ways: "mean", the encoder's tokens averaged
-    over the image (D features); "rows+columns", averaged along each row and along each column
-    of the token grid and concatenated (2 * grid * D), which keeps where things are along one
-    axis (the horizon's height, say). frames (n, H, W, 3) uint8 -> {pooling: (n, features)}."""
-    device = next(model.parameters()).device
-    pooled = {name: [] for name in POOLINGS}
-    for i in range(0, len(frames), chunk):
-        tokens = model.encode(torch.as_tensor(frames[i:i + chunk])[None].to(device))[0].float().cpu()
-        grid = tokens.unflatten(1, (model.cfg.image_size // model.cfg.patch_size, -1))   # (n, g, g, D)
-        pooled["mean"].append(tokens.mean(dim=1))
-        pooled["rows+columns"].append(torch.cat([grid.mean(dim=2).flatten(1), grid.mean(dim=1).flatten(1)], dim=1))
-    return {name: torch.cat(parts) for name, parts in pooled.items()}
-
-
-def fit_ridge(features, targets, l2=1e-3):
-    """Linear (ridge) regression on standardised features, solved in closed form:
-    W = (X^T X + l2 n I)^-1 X^T (Y - mean Y). Returns a function features -> predictions."""
-    features, targets = features.double(), targets.double()
-    mean, std = features.mean(0), features.std(0) + 1e-6
-    x = (features - mean) / std
-    offset = targets.mean(0)
-    eye = torch.eye(x.shape[1], dtype=x.dtype)
-    weights = torch.linalg.solve(x.T @ x + l2 * len(x) * eye, x.T @ (targets - offset))
-    return lambda new: ((new.double() - mean) / std) @ weights + offset
-
-
-def r_squared(predicted, targets):
-    """Per column: 1 - squared error / variance. 1 is perfect; 0 is no better than the mean."""
-    targets = targets.double()
-    return 1 - (predicted - targets).pow(2).sum(0) / (targets - targets.mean(0)).pow(2).sum(0)
-
-
-@torch.no_grad()
-def surprise(model, frames, actions):
-    """How wrong the one-step prediction is at each model step of an episode: frames
-    (T+1, H, W, 3), actions (T, K, A) -> (T,) per-token MSE between the prediction from frame t
-    and the target latent of frame t+1. A spike means something the actions cannot explain."""
-    latents, targets = model.encode(frames[None])[0], model.encode_target(frames[None])[0]
-    return jepa_loss(model.predict_next(latents[:-1], actions), targets[1:]).mean(dim=-1)
-
-
-def cem(cost, mean, std, low, high, iterations=8, population=32, elites=6, keep=3, correlation=0.0,
-        generator=None):
-    """The cross-entropy method: minimise cost over a box [low, high]. Sample a population
-    around mean (Gaussian, std), score every sample, refit mean and std to the best `elites`,
-    repeat. cost maps (population, *mean.shape) samples to (population,) costs. With
-    correlation > 0 the noise is correlated along the first axis (time, for action sequences):
-    each sample shares one offset across it, so steady turns are drawn as often as jittery ones.
-    As in iCEM (Pinneri et al. 2020), the best `keep` samples of one iteration join the next
-    population, and the best sample is returned rather than the mean: when the elites sit in
-    two modes (turn left, turn right), their mean can be worse than either.
-    Returns the best sample (the plan) and its cost."""
-    kept = mean[None][:0]                                       # no samples carried over yet
-    for _ in range(iterations):
-        shared = torch.randn((population, 1, *mean.shape[1:]), generator=generator)
-        own = torch.randn((population, *mean.shape), generator=generator)
-        noise = correlation * shared + math.sqrt(1 - correlation ** 2) * own     # still unit variance
-        samples = torch.maximum(torch.minimum(mean + std * noise, high), low)
-        samples[0] = mean                                       # keep the current plan in the running,
-        samples[1:1 + len(kept)] = kept                         # and the last iteration's best
-        costs = cost(samples)
-        best = samples[costs.argsort()[:elites]]
-        kept = best[:keep]
-        mean, std = best.mean(dim=0), best.std(dim=0)
-    return best[0], costs.min().item()     # with keep >= 1, the best of all iterations
-
-
-# What the planner controls, per model step (each held for frame_skip frames): camera yaw and
-# pitch in degrees per frame, and the forward key (pressed when > 0.5). The box keeps turns
-# within what the training data shows (about 100 degrees per second at most).
-PLAN_CONTROLS = ["camera_yaw", "camera_pitch", "forward"]
-PLAN_LOW, PLAN_HIGH = torch.tensor([-5.0, -3.0, 0.0]), torch.tensor([5.0, 3.0, 1.0])
-
-
-def controls_to_rows(controls, frame_skip):
-    """(..., T, 3) planner controls -> (..., T * frame_skip, A) per-frame action rows."""
-    rows = torch.zeros(*controls.shape[:-1], len(ACTION_COLUMNS))
-    for i, name in enumerate(PLAN_CONTROLS):
-        value = controls[..., i]
-        rows[..., ACTION_COLUMNS.index(name)] = (value > 0.5).float() if name == "forward" else value
-    return rows.repeat_interleave(frame_skip, dim=-2)
-
-
-@torch.no_grad()
-def imagine(model, latent, history, rows):
-    """Roll out planned per-frame action rows (P, T * frame_skip, A) from one latent (N, D),
-    given the K recorded rows before it, history (K, A). Returns latents (P, T, N, D)."""
-    K, skip = history.shape[0], model.cfg.frame_skip
-    rows = torch.cat([history.expand(len(rows), -1, -1), rows.to(history.device)], dim=1)   # rows may be on the CPU
-    steps = (rows.shape[1] - K) // skip
-    # step k's window: the K rows before frame (k + 1) * skip, as action_window gives in training
-    windows = torch.stack([rows[:, (k + 1) * skip:(k + 1) * skip + K] for k in range(steps)], dim=1)
-    return model.rollout(latent.expand(len(rows), -1, -1), windows.to(latent.device))
-
-
-def plan(model, latent, goal, history, horizon, init=None, generator=None, correlation=0.9, iterations=4,
-         **cem_options):
-    """Controls (horizon, 3) whose imagined last latent is closest to the goal latent (N, D).
-    init: a previous plan to start from (model-predictive control shifts and reuses it).
-    correlation 0.9 (time-correlated samples) took turning goals from 60% to 90% in 20 trials;
-    4 CEM iterations plan as well as 8 on held-out goals, in half the time; carrying the best
-    samples over and returning the best one, with a predictor trained on 6-step rollouts, took
-    turning goals from 74% to 82% (README, Planning)."""
-    def cost(controls):
-        final = imagine(model, latent, history, controls_to_rows(controls, model.cfg.frame_skip))[:, -1]
-        return jepa_loss(final, goal.expand_as(final)).mean(dim=-1).float().cpu()
-
-    mean = (PLAN_LOW + PLAN_HIGH).expand(horizon, -1) / 2 if init is None else init
-    std = (PLAN_HIGH - PLAN_LOW).expand(horizon, -1) / 2
-    return cem(cost, mean, std, PLAN_LOW, PLAN_HIGH, iterations, correlation=correlation, generator=generator,
-               **cem_options)
 
 
 # -----------------------------------------------------------------------------
@@ -868,17 +855,20 @@ class CheckpointError(Exception):
     pass
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, cfg, rng_per_rank, digests=None):
-    """rng_per_rank: each process's random state (torch, sampler, cuda), rank 0's first;
-    digests: each process's weights_digest, kept as a record that the processes agreed."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
-             "rng": rng_per_rank[0]}
-    if len(rng_per_rank) > 1:
-        state["rng_per_rank"], state["rank_digests"] = rng_per_rank, digests
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash or a full disk never touches the last good
+    checkpoint, and a failed write leaves nothing behind."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)      # a crash while saving never touches the last good checkpoint
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} could not be written ({reason}); its disk has {free:.0f} MB free. "
+                              "Free some space and continue with --resume: the last checkpoint is intact") from None
 
 
 def load_checkpoint(path):
@@ -896,24 +886,19 @@ def load_checkpoint(path):
     return state
 
 
-def check_same_model(saved, cfg, path, fields=WORLD_MODEL_FIELDS + DECODER_FIELDS):
+def saved_config(state, **overrides):
+    """The Config a checkpoint was trained with (fields this version no longer has are dropped)."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in {**state["config"], **overrides}.items() if k in known})
+
+
+def check_same_model(saved, cfg, path):
     """A checkpoint only loads into a model of the same shape: say which fields differ."""
-    differ = {k: (saved.get(k), getattr(cfg, k)) for k in fields if saved.get(k) != getattr(cfg, k)}
+    differ = {k: (getattr(saved, k), getattr(cfg, k)) for k in MODEL_FIELDS if getattr(saved, k) != getattr(cfg, k)}
     if differ:
         listing = ", ".join(f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in differ.items())
         raise CheckpointError(f"{path} holds a different model ({listing}); drop those flags or "
                               "use another --out_dir")
-
-
-def load_world_model(model, path):
-    """Decoder-only training: the encoders, conditioner and predictor come from a checkpoint
-    and are frozen; the decoder (whatever its size) starts fresh."""
-    state = load_checkpoint(path)
-    check_same_model(state["config"], model.cfg, path, WORLD_MODEL_FIELDS)
-    load_model_state(model, state, path, without_decoder=True)
-    for part in (model.encoder, model.action_conditioner, model.predictor):
-        part.requires_grad_(False)
-    print(f"world model loaded from {path} and frozen; training only the decoder")
 
 
 def load_model_state(model, state, path, without_decoder=False):
@@ -935,52 +920,44 @@ def load_model_state(model, state, path, without_decoder=False):
 
 
 # -----------------------------------------------------------------------------
-# Training
+# Training helpers: devices and precision, the data, the optimizer, processes, saving, resuming
 
 
-def choose_device(cfg):
+def choose_device(cfg, local_rank=0):
     if cfg.device != "auto":
-        return cfg.device, "as asked"
+        return torch.device(cfg.device), "as asked"
     if torch.cuda.is_available():
-        return "cuda", f"found {torch.cuda.get_device_name()}"
-    return "cpu", "no CUDA GPU found"
+        return torch.device("cuda", local_rank), f"found {torch.cuda.get_device_name()}"
+    return torch.device("cpu"), "no CUDA GPU found"
 
 
-def choose_dtype(cfg, device):
-    """Autocast dtype. On a GPU: bf16 where supported (Ampere and later, e.g. the RTX 3060),
-    else fp16 with a gradient scaler. On a CPU: bf16 only if it measurably speeds up matmuls
-    here (it does on CPUs with AVX512-BF16 or AMX, and slows down others)."""
+def choose_dtype(cfg, device_type):
+    """Autocast dtype, from what the hardware supports (never from a timing, so every run of a
+    command trains the same way). GPU: bf16 where supported (Ampere and later, e.g. the RTX
+    3060), else fp16 with a gradient scaler. CPU: bf16 where it has bf16 matmul instructions
+    (AVX512-BF16 or AMX), else fp32 (emulated bf16 is slower than fp32)."""
     if cfg.dtype != "auto":
-        return getattr(torch, cfg.dtype), "as asked"
-    if device == "cuda":
+        return getattr(torch, cfg.dtype), "as set by --dtype or the checkpoint"
+    if device_type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, "this GPU supports bf16"
         return torch.float16, "this GPU lacks bf16; fp16 with a gradient scaler"
-    speedup = cpu_bf16_speedup()
-    if speedup > 1.3:
-        return torch.bfloat16, f"bf16 matmuls measured {speedup:.1f}x faster than fp32 on this CPU"
-    return torch.float32, f"bf16 matmuls measured only {speedup:.1f}x fp32's speed on this CPU"
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    if any(getattr(torch.cpu, probe, lambda: False)() for probe in probes):
+        return torch.bfloat16, "this CPU has bf16 matmul instructions"
+    return torch.float32, "this CPU lacks bf16 matmul instructions"
 
 
-def cpu_bf16_speedup(size=512, repeats=20):
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    seconds = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            a @ b                                   # warm up
-            start = time.perf_counter()
-            for _ in range(repeats):
-                a @ b
-            seconds[dtype] = time.perf_counter() - start
-    return seconds[torch.float32] / seconds[torch.bfloat16]
-
-
-def optimizer_and_scaler(model, cfg, device_type, dtype):
-    """AdamW over parameter_groups (fused into one kernel on a GPU: no temporary copies of all
-    the weights), and a gradient scaler that only acts for float16."""
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95),
-                                  fused=device_type == "cuda")
-    return optimizer, torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+def choose_hardware(cfg, local_rank, world_size, say):
+    """The device and autocast dtype, said with the reason; cfg.dtype records the choice, so that
+    a resumed run keeps it."""
+    device, device_reason = choose_device(cfg, local_rank)
+    dtype, dtype_reason = choose_dtype(cfg, device.type)
+    cfg.dtype = str(dtype).removeprefix("torch.")
+    say(f"device: {device} ({device_reason}); precision: {cfg.dtype} ({dtype_reason})"
+        + (f"; {world_size} processes, {world_size * cfg.batch_size * cfg.grad_accum} windows per step"
+           if world_size > 1 else ""))
+    return device, dtype
 
 
 def autocast_to(device_type, dtype):
@@ -988,71 +965,70 @@ def autocast_to(device_type, dtype):
     return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def parameter_groups(model, cfg):
-    """Weight decay on weight matrices only: not on norms, biases or position embeddings.
-    The decoder's groups carry a learning-rate scale (cfg.decoder_lr_scale)."""
+BUILTIN_EPISODES = 64      # episodes of the built-in world built when the default --data is missing
+
+
+def prepare_run(cfg, say):
+    """The data (the built-in world's, built first if the default folder is missing), the fixed
+    validation windows, and the output folder (a finished run is never overwritten)."""
+    if cfg.data == Config.data and not os.path.exists(os.path.join(cfg.data, "index.json")):
+        say(f"{cfg.data} has no dataset yet: building the built-in world's first "
+            f"(`python prepare_data.py --synthetic {BUILTIN_EPISODES}` does the same)")
+        if int(os.environ.get("RANK", 0)) == 0:
+            prepare_data.main(["--synthetic", str(BUILTIN_EPISODES), "--out", cfg.data])
+        if dist.is_initialized():
+            dist.barrier()                                  # the other processes wait for it
+    index, train_episodes, val_episodes = open_dataset(cfg)
+    sampler = WindowSampler(train_episodes, cfg.rollout, cfg)
+    val_frames, val_actions = WindowSampler(val_episodes, cfg.eval_horizon, cfg).sample(
+        cfg.eval_windows, torch.Generator().manual_seed(1234))    # the same windows every time
+    say(f"data: {cfg.data}: {len(train_episodes)} train / {len(val_episodes)} val episodes, "
+        f"{index['resolution']}px" + (f" (resized to {cfg.image_size} on the device)"
+                                      if index["resolution"] != cfg.image_size else ""))
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not cfg.resume and os.path.exists(ckpt_path):
+        raise CheckpointError(f"{ckpt_path} already holds a run: continue it with --resume, "
+                              "or choose another --out_dir")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(ckpt_path + ".tmp")                       # left by a run killed while saving
+    return sampler, val_frames, val_actions, ckpt_path
+
+
+def make_optimizer(model, cfg, device_type, dtype):
+    """AdamW with weight decay on weight matrices only (not on norms, biases or positions) and
+    the decoder's learning-rate scale, fused into one kernel on a GPU; and a gradient scaler that
+    only acts for float16."""
     groups = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            decay = p.ndim >= 2 and "positions" not in name
-            scale = cfg.decoder_lr_scale if name.startswith("decoder.") else 1.0
-            group = groups.setdefault((decay, scale), {"params": [], "lr_scale": scale,
-                                                       "weight_decay": cfg.weight_decay if decay else 0.0})
-            group["params"].append(p)
-    return list(groups.values())
+        if not p.requires_grad:                         # the EMA target encoder
+            continue
+        decay = p.ndim >= 2 and "positions" not in name
+        scale = cfg.decoder_lr_scale if name.startswith("decoder.") else 1.0
+        group = groups.setdefault((decay, scale), {"params": [], "lr_scale": scale,
+                                                   "weight_decay": cfg.weight_decay if decay else 0.0})
+        group["params"].append(p)
+    optimizer = torch.optim.AdamW(list(groups.values()), lr=cfg.lr, betas=(0.9, 0.95), fused=device_type == "cuda")
+    return optimizer, torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
 
 
-class Distributed:
-    """One process per GPU (or CPU process) under torchrun, which sets RANK, WORLD_SIZE and
-    LOCAL_RANK; a plain `python iwm.py` is rank 0 of 1 and nothing here does anything.
-    PyTorch's DistributedDataParallel averages the gradients across processes in backward, so
-    every rank takes the same optimizer step and its weights (and so its EMA target) stay equal."""
-
-    def __init__(self):
-        self.size = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank, self.local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-        if self.size > 1:
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            if torch.cuda.is_available():
-                torch.cuda.set_device(self.local_rank)
-
-    def device(self, device):
-        return f"cuda:{self.local_rank}" if device == "cuda" and self.size > 1 else device
-
-    def wrap(self, model, device):
-        if self.size == 1:
-            return model
-        return nn.parallel.DistributedDataParallel(model, device_ids=[self.local_rank] if device != "cpu" else None)
-
-    def mean_and_any(self, values, flag):
-        """Average floats over the ranks and OR a flag: one small all-reduce per step, so every
-        rank logs the same loss, sees a NaN together and stops together."""
-        if self.size == 1:
-            return values, flag
-        t = torch.tensor([*values, float(flag)], dtype=torch.float64)
-        dist.all_reduce(t)
-        return [v / self.size for v in t[:-1].tolist()], t[-1].item() > 0
-
-    def gather(self, obj):
-        """A list with every rank's obj (on every rank)."""
-        if self.size == 1:
-            return [obj]
-        objects = [None] * self.size
-        dist.all_gather_object(objects, obj)
-        return objects
-
-    def close(self):
-        if self.size > 1:
-            dist.destroy_process_group()
-
-
-def weights_digest(module):
-    """A fingerprint of a module's exact weights, to check that ranks agree bit for bit."""
-    digest = hashlib.sha256()
-    for name, p in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+def accumulate_gradients(trained, sampler, generator, scaler, autocast, device, cfg, world_size, decoder_by_t):
+    """Forward and backward over grad_accum micro-batches of fresh windows. Returns the mean loss
+    and world-model loss; adds the decoder's losses to their bins of diffusion time."""
+    loss = world_loss = 0.0
+    for micro in range(cfg.grad_accum):
+        frames, actions = sampler.sample(cfg.batch_size, generator)
+        last = micro == cfg.grad_accum - 1              # DDP averages the gradients on the last one only
+        with trained.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
+            with autocast:
+                micro_loss, info = trained(frames.to(device), actions.to(device))
+            scaler.scale(micro_loss / cfg.grad_accum).backward()
+        loss += micro_loss.item() / cfg.grad_accum
+        world_loss += info["world_loss"].item() / cfg.grad_accum
+        time_bin = (info["decoder_t"] * 4).long().clamp(max=3).cpu()
+        decoder_by_t[0].index_add_(0, time_bin, info["decoder_losses"].float().cpu())
+        decoder_by_t[1].index_add_(0, time_bin, torch.ones(len(time_bin)))
+    return loss, world_loss
 
 
 def compile_parts(model):
@@ -1061,200 +1037,135 @@ def compile_parts(model):
         part.compile()
 
 
-def train(cfg):
-    """Train (or resume) a world model as cfg says. Returns (model, the last evaluation's metrics)."""
-    ranks = Distributed()
-    main_rank = ranks.rank == 0
-    say = print if main_rank else (lambda *args, **kwargs: None)      # only rank 0 talks and writes
-    device, device_reason = choose_device(cfg)
-    device = ranks.device(device)
-    device_type = device.split(":")[0]
-    dtype, dtype_reason = choose_dtype(cfg, device_type)
-    say(f"device: {device} ({device_reason}); precision: {dtype} ({dtype_reason})"
-        + (f"; {ranks.size} processes, {ranks.size * cfg.batch_size * cfg.grad_accum} windows per step"
-           if ranks.size > 1 else ""))
-    torch.manual_seed(cfg.seed)
-    index, train_episodes, val_episodes = open_dataset(cfg)
-    sampler = WindowSampler(train_episodes, cfg.rollout, cfg)
-    val_frames, val_actions = WindowSampler(val_episodes, cfg.eval_horizon, cfg).sample(
-        cfg.eval_windows, torch.Generator().manual_seed(1234))    # the same windows every time
-    say(f"data: {cfg.data}: {len(train_episodes)} train / {len(val_episodes)} val episodes, "
-        f"{index['resolution']}px" + (f" (resized to {cfg.image_size} on the device)"
-                                      if index["resolution"] != cfg.image_size else ""))
+def start_processes():
+    """Under torchrun (RANK, LOCAL_RANK and WORLD_SIZE set) join the process group: NCCL on GPUs,
+    gloo on CPUs. Returns (rank, local rank, number of processes); a plain run is rank 0 of 1."""
+    rank, local_rank, world_size = (int(os.environ.get(key, default)) for key, default in
+                                    (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    if world_size > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+    return rank, local_rank, world_size
 
-    model = WorldModel(cfg).to(device)      # the same seed, so the same initial weights everywhere
-    for part, n in count_parameters(model).items():
-        say(f"  {part}: {n / 1e6:.2f}M parameters")
-    if cfg.decoder_only:
-        load_world_model(model, cfg.decoder_only)
-    if ranks.rank:
-        torch.manual_seed(cfg.seed + ranks.rank)            # each rank its own diffusion noise
-    optimizer, scaler = optimizer_and_scaler(model, cfg, device_type, dtype)
-    autocast = autocast_to(device_type, dtype)
-    generator = torch.Generator().manual_seed(cfg.seed + ranks.rank)   # each rank its own windows
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    step = 0
-    if cfg.resume:
-        state = load_checkpoint(ckpt_path)
-        load_model_state(model, state, ckpt_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        saved_rng = state.get("rng_per_rank", [state["rng"]])      # one per process that saved it
-        if len(saved_rng) != ranks.size:
-            say(f"note: {ckpt_path} was saved by {len(saved_rng)} processes, not {ranks.size}; the random "
-                "streams start afresh (training continues, but not bit for bit as an unbroken run)")
-        else:
-            rng = saved_rng[ranks.rank]
-            torch.set_rng_state(rng["torch"])
-            generator.set_state(rng["sampler"])
-            if device_type == "cuda" and rng["cuda"]:
-                torch.cuda.set_rng_state_all(rng["cuda"])
-        step = state["step"]
-        say(f"resumed from {ckpt_path} at step {step}")
-    if cfg.compile:
-        compile_parts(model)
-    trained = ranks.wrap(model, device)                     # model itself on one process
-    log = None
-    if main_rank:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-        log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
 
-    def checkpoint():
-        """Every rank hands rank 0 its random state and a digest of its weights; rank 0 checks
-        the digests agree and writes the file."""
-        digests = ranks.gather({"weights": weights_digest(model), "ema_target": weights_digest(model.target_encoder)})
-        rng = ranks.gather({"torch": torch.get_rng_state(), "sampler": generator.get_state(),
-                            "cuda": torch.cuda.get_rng_state_all() if device_type == "cuda" else []})
-        if any(d != digests[0] for d in digests):
-            raise RuntimeError(f"step {step}: the processes' weights differ: {digests}")
-        if main_rank:
-            save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, rng, digests)
+def sum_over_processes(values, world_size):
+    """Sum a few floats over all processes: one small all-reduce per step carries the losses and
+    the stop flag, so that every process logs the same loss and stops after the same step."""
+    if world_size == 1:
+        return values
+    total = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.tolist()
 
-    # Ctrl-C asks to stop: the current step finishes, then the run is saved, so a resumed run
-    # continues exactly as if nothing had happened. A second Ctrl-C quits at once.
-    stop = []
 
-    def request_stop(signum, frame):
-        stop.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        tqdm.write("stopping after this step (Ctrl-C again quits without saving)")
+def save_run(path, model, optimizer, scaler, step, cfg, generator, rank, world_size, log):
+    """Every process hands rank 0 its random state; rank 0 writes the checkpoint and flushes the log."""
+    state = {"torch": torch.get_rng_state(), "sampler": generator.get_state(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    states = [state]
+    if world_size > 1:
+        states = [None] * world_size
+        dist.all_gather_object(states, state)
+    if rank == 0:
+        save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scaler": scaler.state_dict(), "step": step, "rng": states,
+                               "config": dataclasses.asdict(cfg)})
+        log.flush()
 
-    previous_handler = signal.signal(signal.SIGINT, request_stop)
-    metrics, speeds = {}, []
-    decoder_by_t = torch.zeros(2, 4)       # sums and counts of decoder loss in 4 bins of t
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main_rank)
-    stopping = False
+
+def resume(path, model, optimizer, scaler, generator, rank, world_size, say):
+    """Load the weights, EMA target, optimizer and random states of a run. Returns its step."""
+    state = load_checkpoint(path)
+    load_model_state(model, state, path)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if len(state["rng"]) == world_size:
+        torch.set_rng_state(state["rng"][rank]["torch"])
+        generator.set_state(state["rng"][rank]["sampler"])
+        if state["rng"][rank]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"][rank]["cuda"])
+    else:
+        say(f"note: {path} was saved by {len(state['rng'])} processes, not {world_size}: the random streams "
+            "start afresh (training continues, but not bit for bit as an unbroken run would)")
+    say(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
+def open_log(cfg, step):
+    """Write config.json; open log.jsonl for appending, keeping only the records of steps up to
+    `step`: a run killed after its last checkpoint logged steps that the resumed run logs again."""
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    path, kept = os.path.join(cfg.out_dir, "log.jsonl"), []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):   # a line cut short by a kill
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line.rstrip("\n") + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, `docker stop`) asks to stop: the step
+    finishes, then the run is saved, so a resumed run continues exactly as if nothing had
+    happened. The same signal again quits at once. Yields the list of requests."""
+    requests = []
+
+    def request(signum, frame):
+        requests.append(signum)
+        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step (again: quit without saving)")
+
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while step < cfg.steps and not stopping:
-            started = time.perf_counter()
-            lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            loss_sum = world_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                frames, actions = sampler.sample(cfg.batch_size, generator)
-                last = micro == cfg.grad_accum - 1      # DDP averages gradients on the last one only
-                with trained.no_sync() if ranks.size > 1 and not last else contextlib.nullcontext():
-                    with autocast:
-                        loss, info = trained(frames.to(device), actions.to(device))
-                    scaler.scale(loss / cfg.grad_accum).backward()
-                loss_sum += loss.item() / cfg.grad_accum
-                world_sum += info["world_loss"].item() / cfg.grad_accum
-                time_bin = (info["decoder_t"] * 4).long().clamp(max=3).cpu()   # loss by diffusion time
-                decoder_by_t[0].index_add_(0, time_bin, info["decoder_losses"].float().cpu())
-                decoder_by_t[1].index_add_(0, time_bin, torch.ones(len(time_bin)))
-            (loss_sum, world_sum), stopping = ranks.mean_and_any([loss_sum, world_sum], bool(stop))
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(
-                    f"loss became {loss_sum} at step {step}; stopping without saving, so "
-                    f"{ckpt_path} still holds the last good state. Try a lower --lr or --dtype float32.")
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if not cfg.decoder_only:                 # a frozen world model keeps its target
-                model.update_target(ema_momentum(step, cfg))
-            step += 1
-            seconds = time.perf_counter() - started
-            bar.update(1)
-            bar.set_postfix(world=f"{world_sum:.4f}", decoder=f"{loss_sum - world_sum:.4f}", step_s=f"{seconds:.2f}")
-            speeds.append(ranks.size * cfg.batch_size * cfg.grad_accum / seconds)
-            record = {"step": step, "loss": loss_sum, "world_loss": world_sum, "decoder_loss": loss_sum - world_sum,
-                      "lr": lr, "grad_norm": grad_norm.item(), "samples_per_s": speeds[-1]}
-            if main_rank and (step % cfg.eval_every == 0 or step == cfg.steps):
-                metrics = evaluate(model, val_frames, val_actions, device, autocast,
-                                   cfg.eval_psnr_windows, cfg.sample_steps)
-                metrics["decoder_loss_by_t"] = (decoder_by_t[0] / decoder_by_t[1].clamp_min(1)).tolist()
-                decoder_by_t.zero_()
-                record.update(metrics)
-                tqdm.write(format_eval(step, metrics))
-            if main_rank:
-                log.write(json.dumps(record) + "\n")
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
-                checkpoint()
-                if main_rank:
-                    log.flush()
+        yield requests
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        bar.close()
-        if log:
-            log.close()
-        ranks.close()
-    if speeds:
-        say(f"{len(speeds)} steps: median {np.median(speeds):.1f} samples/s ({cfg.size}, {dtype})")
-    if stopping:
-        say(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
-        raise SystemExit(130)
-    return model, metrics
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # -----------------------------------------------------------------------------
 # Benchmark: --bench N times N training steps of the chosen preset on random data
 
 
-def matmul_peak(device, dtype, size=4096, repeats=10):
-    """The device's measured matmul peak in FLOP/s: the best of `repeats` square matmuls in the
-    training precision (the ceiling a training step's FLOP/s is compared with)."""
-    if device == "cpu":
-        size, repeats = 2048, 5
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    autocast = autocast_to(device.split(":")[0], dtype)
-    best = math.inf
-    with autocast:
-        for _ in range(repeats + 1):                      # the first is a warm-up
-            synchronize(device)
-            started = time.perf_counter()
-            a @ b
-            synchronize(device)
-            best = min(best, time.perf_counter() - started)
-    return 2 * size ** 3 / best
+def count_flops(function):
+    """FLOPs of one call as PyTorch's FlopCounterMode counts them: matmuls, convolutions and
+    attention, forward and (where the call runs one) backward with any recomputation."""
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return counter.get_total_flops()
 
 
-def synchronize(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def timed(function, device, repeats=1):
+    """Seconds per call, waiting for the GPU to finish its queued work."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    synchronize()
+    return (time.perf_counter() - started) / repeats
 
 
 def benchmark(cfg):
-    """Print parameters per part, samples/s, FLOP/s (counted by PyTorch's FlopCounterMode on
-    one step: matmuls, convolutions, attention, forward and backward, recomputation included),
-    the fraction of the measured matmul peak, and peak memory."""
-    device, device_reason = choose_device(cfg)
-    device_type = device.split(":")[0]
-    dtype, dtype_reason = choose_dtype(cfg, device_type)
-    print(f"benchmark: {cfg.size} preset, {cfg.bench} steps of batch {cfg.batch_size} x {cfg.grad_accum} "
-          f"on random data; device {device} ({device_reason}); precision {dtype} ({dtype_reason}); "
-          f"grad_ckpt {cfg.grad_ckpt}, compile {cfg.compile}")
+    """Print parameters per part, samples/s, FLOPs per step and FLOP/s, the fraction of the
+    measured matmul peak, the memory budget, and on a GPU the peak CUDA memory."""
+    check_config(cfg)
+    device, dtype = choose_hardware(cfg, 0, 1, print)
+    print(f"benchmark: {cfg.size} preset, {cfg.bench} steps of batch {cfg.batch_size} x {cfg.grad_accum} on "
+          f"random data; grad_ckpt {cfg.grad_ckpt}, compile {cfg.compile}")
     torch.manual_seed(cfg.seed)
     model = WorldModel(cfg).to(device).train()
     for part, n in count_parameters(model).items():
         print(f"  {part}: {n / 1e6:.2f}M parameters")
-    optimizer, scaler = optimizer_and_scaler(model, cfg, device_type, dtype)
-    autocast = autocast_to(device_type, dtype)
+    optimizer, scaler = make_optimizer(model, cfg, device.type, dtype)
+    autocast = autocast_to(device.type, dtype)
     frames = torch.randint(0, 256, (cfg.batch_size, cfg.rollout + 1, cfg.image_size, cfg.image_size, 3),
                            dtype=torch.uint8, device=device)
     actions = torch.randn(cfg.batch_size, cfg.rollout, cfg.action_window, len(ACTION_COLUMNS), device=device)
@@ -1269,59 +1180,31 @@ def benchmark(cfg):
         optimizer.zero_grad(set_to_none=True)
         model.update_target(cfg.ema_start)
 
-    with FlopCounterMode(display=False) as counter:       # counts one step, before compiling
-        step()
-    flops_per_step = counter.get_total_flops()
-    activations = saved_activation_bytes(model, frames, actions, autocast)
+    flops = count_flops(step)                               # one step, before compiling
     if cfg.compile:
         compile_parts(model)
-    for _ in range(3 if cfg.compile else 1):              # warm-up (and compilation)
+    for _ in range(3 if cfg.compile else 1):                # warm-up (and compilation)
         step()
-    if device.startswith("cuda"):
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in tqdm(range(cfg.bench), desc="bench", unit="step", leave=False):
-        step()
-    synchronize(device)
-    seconds = (time.perf_counter() - started) / cfg.bench
-    peak = matmul_peak(device, dtype)
-    achieved = flops_per_step / seconds
-    print(f"  {cfg.batch_size * cfg.grad_accum / seconds:.1f} samples/s ({seconds:.3f} s per step)")
-    print(f"  {flops_per_step / 1e12:.3f} TFLOP per step -> {achieved / 1e12:.3f} TFLOP/s achieved")
-    print(f"  measured {dtype} matmul peak {peak / 1e12:.3f} TFLOP/s -> {achieved / peak:.1%} of peak")
+    seconds = timed(step, device, cfg.bench)
+    # The ceiling to compare with: the fastest of a few large square matmuls in the training precision
+    size = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    with autocast:
+        peak = 2 * size ** 3 / min(timed(lambda: a @ b, device) for _ in range(6))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     states = (4 * sum(p.numel() for p in model.parameters()) + 12 * trainable) / 2 ** 30
-    print(f"  memory budget: weights, gradients and AdamW's two moments in fp32 {states:.2f} GiB; "
-          f"activations kept for backward {activations / 2 ** 30:.2f} GiB per micro-batch "
-          f"(measured with saved-tensor hooks); sum {states + activations / 2 ** 30:.2f} GiB")
-    if device.startswith("cuda"):
-        memory = torch.cuda.max_memory_allocated() / 2 ** 30
-        print(f"  peak CUDA memory (max allocated): {memory:.2f} GiB on {torch.cuda.get_device_name()}")
-    else:
-        memory = None
-        print("  peak memory: not measured on CPU (CUDA's max allocated needs a GPU)")
-    return {"samples_per_s": cfg.batch_size * cfg.grad_accum / seconds, "flops_per_step": flops_per_step,
-            "flops_per_s": achieved, "peak_flops_per_s": peak, "fraction_of_peak": achieved / peak,
-            "peak_memory_gib": memory, "states_gib": states, "activations_gib": activations / 2 ** 30}
-
-
-def saved_activation_bytes(model, frames, actions, autocast):
-    """Bytes of the tensors autograd keeps from one forward pass for the backward pass (weights
-    not counted; each storage once). With --grad_ckpt a checkpointed block keeps only its input,
-    which is counted as one tensor per block."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
-        model(frames, actions)
-    return sum(kept.values())
+    memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    print(f"  {cfg.batch_size * cfg.grad_accum / seconds:.1f} samples/s ({seconds:.3f} s per step)\n"
+          f"  {flops / 1e12:.3f} TFLOP per step -> {flops / seconds / 1e12:.3f} TFLOP/s achieved\n"
+          f"  measured {dtype} matmul peak {peak / 1e12:.3f} TFLOP/s -> {flops / seconds / peak:.1%} of peak\n"
+          f"  memory: weights, gradients and AdamW's two moments in fp32 take {states:.2f} GiB\n"
+          + (f"  peak CUDA memory (max allocated): {memory:.2f} GiB on {torch.cuda.get_device_name()}"
+             if memory is not None else "  peak memory: not measured on CPU (CUDA's max allocated needs a GPU)"))
+    return {"samples_per_s": cfg.batch_size * cfg.grad_accum / seconds, "flops_per_step": flops,
+            "flops_per_s": flops / seconds, "peak_flops_per_s": peak, "fraction_of_peak": flops / seconds / peak,
+            "peak_memory_gib": memory, "states_gib": states}
 
 
 # -----------------------------------------------------------------------------
@@ -1340,25 +1223,25 @@ def parse_config(argv=None):
 
 
 def resolve_config(given):
-    """Config from explicit flags: on --resume the checkpoint's config, else the size preset,
-    then the flags on top (model-shape flags may not contradict a checkpoint)."""
-    cfg = Config(**{k: v for k, v in given.items() if k in ("out_dir", "resume", "device")})
-    if cfg.resume:
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        saved = load_checkpoint(path)["config"]
-        check_same_model(saved, Config(**{**saved, **given}), path)
-        return Config(**{**saved, **given})
-    if given.get("decoder_only"):
-        saved = load_checkpoint(given["decoder_only"])["config"]
-        world = {k: saved[k] for k in WORLD_MODEL_FIELDS + ["size", "data", "frame_skip", "action_window"]}
-        out_dir = os.path.join(os.path.dirname(given["decoder_only"]), "decoder")  # keep the source intact
-        return Config(**{**PRESETS[saved["size"]], **world, "out_dir": out_dir, **given})
+    """Config from explicit flags: on --resume the checkpoint's config with the flags on top
+    (flags that would change the model are refused); else the size preset, then the flags."""
+    if given.get("resume"):
+        path = os.path.join(given.get("out_dir", Config.out_dir), "ckpt.pt")
+        state = load_checkpoint(path)
+        saved = saved_config(state)
+        if given.get("size", saved.size) != saved.size:
+            raise CheckpointError(f"--size {given['size']}: {path} holds a {saved.size} model; drop --size "
+                                  "to resume it, or use another --out_dir")
+        cfg = saved_config(state, **given)
+        check_same_model(saved, cfg, path)
+        return cfg
     size = given.get("size", "auto")
     if size == "auto":
-        size = "base" if choose_device(cfg)[0] == "cuda" else "tiny"
+        check_device(given.get("device", "auto"))
+        size = "base" if choose_device(Config(**given))[0].type == "cuda" else "tiny"
         print(f"size: {size} (base on a CUDA GPU, tiny on CPU; pick with --size)")
     if size not in PRESETS:
-        raise SystemExit(f"--size {size}: choose one of {', '.join(PRESETS)}")
+        raise ValueError(f"--size {size}: choose one of auto, {', '.join(PRESETS)}")
     return Config(**{**PRESETS[size], **given, "size": size})
 
 
@@ -1370,9 +1253,14 @@ def main(argv=None):
         if cfg.bench:
             benchmark(cfg)
         else:
-            train(cfg)
-    except (CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
+            fit(cfg)
+    except (CheckpointError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
+    except OSError as e:                   # a folder that cannot be written, a file that vanished
+        raise SystemExit(f"error: {prepare_data.describe(e)}")
+    except KeyboardInterrupt:
+        print("interrupted")
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

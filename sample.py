@@ -1,29 +1,22 @@
 """
-sample.py: watch the world model imagine.
+sample.py: watch the world model imagine, and put its latents to work.
 
-Rollouts run open loop for --horizon model steps from one real frame of a validation episode.
-Each rollout becomes a GIF with panels side by side:
-
-    true future | decoded prediction | decoded target latent (reconstruction)
-
-and under every panel the actions that drive it (keys held, a camera arrow, mouse buttons) and
-the step number. A per-horizon table compares latent pred/copy and the PSNR of the decoded
-prediction with that of simply repeating the start frame; it is printed and saved as JSON.
-
-    python sample.py                                     # latest checkpoint, its validation episodes
-    python sample.py --actions turn_left,walk_forward    # "what if": same start, scripted actions
+    python sample.py                                     # rollout GIFs + a metric table (validation episodes)
+    python sample.py --actions turn_left,walk_forward    # "what if": the same start under scripted actions
     python sample.py --video EP.mp4                      # a raw VPT episode (EP.jsonl beside it)
-
-What the latents are good for, each next to a baseline:
-
     python sample.py --probe       # linear probes: yaw, pitch, position from pooled latents vs a random encoder
     python sample.py --surprise    # prediction error along episodes with a teleport in the middle
     python sample.py --plan        # reach goal images in the built-in world by CEM planning vs a random policy
+
+A rollout runs open loop for --horizon model steps from one real frame. Its GIF shows, side by
+side, the true future, the decoded prediction and the decoded target latent (reconstruction),
+with the actions of each step under every panel.
 """
 import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import time
 
@@ -34,50 +27,41 @@ from tqdm import tqdm
 
 import iwm
 import prepare_data
+from prepare_data import ACTION_COLUMNS, COLUMN
 
-COLUMN = prepare_data.COLUMN
-
-# Named action scripts for --actions: each gives the action row of frame i of n (20 per second).
-# Camera speeds are per frame: 3 degrees per frame turns 60 degrees per second.
+# -----------------------------------------------------------------------------
+# Scripted actions for --actions: the action row of frame i of n (20 frames per second)
 
 
-def _row(**columns):
-    row = np.zeros(len(prepare_data.ACTION_COLUMNS), np.float32)
+def action_row(**columns):
+    row = np.zeros(len(ACTION_COLUMNS), np.float32)
     for name, value in columns.items():
         row[COLUMN[name]] = value
     return row
 
 
-SCRIPTS = {
-    "stand_still": lambda i, n: _row(),
-    "turn_left": lambda i, n: _row(camera_yaw=-3.0),
-    "turn_right": lambda i, n: _row(camera_yaw=3.0),
-    "look_up": lambda i, n: _row(camera_pitch=-2.0),
-    "look_down": lambda i, n: _row(camera_pitch=2.0),
-    "walk_forward": lambda i, n: _row(forward=1.0),
-    "jump_forward": lambda i, n: _row(forward=1.0, jump=1.0),
-    "turn_left_then_forward": lambda i, n: _row(camera_yaw=-3.0) if i < n // 2 else _row(forward=1.0),
+SCRIPTS = {   # camera speeds per frame: 3 degrees per frame turns 60 degrees per second
+    "stand_still": lambda i, n: action_row(),
+    "turn_left": lambda i, n: action_row(camera_yaw=-3.0),
+    "turn_right": lambda i, n: action_row(camera_yaw=3.0),
+    "look_up": lambda i, n: action_row(camera_pitch=-2.0),
+    "look_down": lambda i, n: action_row(camera_pitch=2.0),
+    "walk_forward": lambda i, n: action_row(forward=1.0),
+    "jump_forward": lambda i, n: action_row(forward=1.0, jump=1.0),
+    "turn_left_then_forward": lambda i, n: action_row(camera_yaw=-3.0) if i < n // 2 else action_row(forward=1.0),
 }
 
 
-def script_rows(script, n):
-    """The per-frame action rows (n, A) of a script."""
-    return np.stack([SCRIPTS[script](i, n) for i in range(n)])
-
-
-def scripted_window_actions(episode, start, rows, cfg, horizon):
+def scripted_windows(episode, start, rows, cfg, horizon):
     """Action windows (horizon, K, A) for a rollout from `start` under scripted per-frame rows:
     the recorded history before the start (what really happened), the script from the start on."""
-    n = horizon * cfg.frame_skip
-    actions = np.array(episode["actions"][:start + n], np.float32)
-    actions = np.concatenate([actions, np.zeros((start + n - len(actions), actions.shape[1]), np.float32)])
-    actions[start:start + n] = rows
+    actions = np.concatenate([np.asarray(episode["actions"][:start], np.float32), rows])
     return np.stack([iwm.action_window(actions, start + (k + 1) * cfg.frame_skip, cfg.action_window)
                      for k in range(horizon)])
 
 
 # -----------------------------------------------------------------------------
-# Drawing: panels, labels, and the actions of each step
+# Drawing: panels with a label on top and the actions of each step below
 
 LABEL_HEIGHT, BAR_HEIGHT = 16, 30
 KEYS_SHOWN = [("forward", "W"), ("left", "A"), ("back", "S"), ("right", "D"), ("jump", "jump"),
@@ -85,20 +69,16 @@ KEYS_SHOWN = [("forward", "W"), ("left", "A"), ("back", "S"), ("right", "D"), ("
 
 
 def draw_actions(bar, step_actions, step, horizon):
-    """Fill an info bar with the step number, the keys and buttons held during the step, and
-    an arrow for the camera move it made (summed over the step's frames)."""
+    """The step number, the keys and buttons held during the step, and an arrow for the camera
+    move it made (summed over the step's frames)."""
     font, white, grey = cv2.FONT_HERSHEY_SIMPLEX, (255, 255, 255), (90, 90, 90)
     cv2.putText(bar, f"step {step}/{horizon}", (3, 12), font, 0.35, white, 1, cv2.LINE_AA)
     held = step_actions.max(axis=0) if len(step_actions) else np.zeros(len(COLUMN))
     x, y = 70, 12                         # W A S D after the step number, the rest below
     for name, label in KEYS_SHOWN:
-        color = (80, 220, 255) if held[COLUMN[name]] > 0.5 else grey
-        cv2.putText(bar, label, (x, y), font, 0.35, color, 1, cv2.LINE_AA)
-        x += 7 * len(label) + 5
-        if label == "D":
-            x, y = 3, 26
-    yaw = step_actions[:, COLUMN["camera_yaw"]].sum() if len(step_actions) else 0.0
-    pitch = step_actions[:, COLUMN["camera_pitch"]].sum() if len(step_actions) else 0.0
+        cv2.putText(bar, label, (x, y), font, 0.35, (80, 220, 255) if held[COLUMN[name]] > 0.5 else grey, 1, cv2.LINE_AA)
+        x, y = (3, 26) if label == "D" else (x + 7 * len(label) + 5, y)
+    yaw, pitch = (step_actions[:, COLUMN[c]].sum() for c in ("camera_yaw", "camera_pitch"))
     center = (bar.shape[1] - 14, 15)
     cv2.circle(bar, center, 11, grey, 1)
     length = np.hypot(yaw, pitch)
@@ -114,115 +94,158 @@ def to_pixels(images):
 
 
 def compose_gif(path, panels, labels, panel_actions, frame_skip, scale):
-    """panels: list of (H+1, h, w, 3) uint8 RGB; panel_actions: per panel the per-frame actions
-    (H * frame_skip, A) that drive it. Writes an animated GIF, one frame per step."""
-    frames = []
-    horizon = len(panels[0]) - 1
+    """panels: (steps + 1, h, w, 3) uint8 RGB each; panel_actions: the per-frame action rows
+    (steps * frame_skip, A) that drive each. Writes an animated GIF, one frame per model step."""
+    frames, horizon = [], len(panels[0]) - 1
     for step in range(horizon + 1):
         columns = []
         for images, label, actions in zip(panels, labels, panel_actions):
-            image = cv2.resize(images[step][:, :, ::-1], None, fx=scale, fy=scale,
-                               interpolation=cv2.INTER_NEAREST)
-            top = np.zeros((LABEL_HEIGHT, image.shape[1], 3), np.uint8)
+            image = cv2.resize(images[step][:, :, ::-1], None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+            top, bar = np.zeros((LABEL_HEIGHT, image.shape[1], 3), np.uint8), np.zeros((BAR_HEIGHT, image.shape[1], 3), np.uint8)
             cv2.putText(top, label, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
-            bar = np.zeros((BAR_HEIGHT, image.shape[1], 3), np.uint8)
-            step_actions = actions[(step - 1) * frame_skip:step * frame_skip] if step else actions[:0]
-            draw_actions(bar, step_actions, step, horizon)
-            columns.append(np.concatenate([top, image, bar], axis=0))
-            columns.append(np.full((columns[-1].shape[0], 2, 3), 255, np.uint8))   # white gap
+            draw_actions(bar, actions[max(step - 1, 0) * frame_skip:step * frame_skip], step, horizon)
+            columns += [np.concatenate([top, image, bar]), np.full((LABEL_HEIGHT + image.shape[0] + BAR_HEIGHT, 2, 3), 255, np.uint8)]
         frames.append(np.concatenate(columns[:-1], axis=1))
     animation = cv2.Animation()
-    animation.loop_count = 0
-    animation.frames = frames
+    animation.loop_count, animation.frames = 0, frames
     animation.durations = [400] + [250] * horizon      # milliseconds; the start lingers
     if not cv2.imwriteanimation(path, animation):
         raise OSError(f"OpenCV could not write {path}")
 
 
 # -----------------------------------------------------------------------------
-# Loading the model and the episodes
+# Rollouts: the metric table on validation windows, then GIFs
 
 
-def load_model(path, device):
-    state = iwm.load_checkpoint(path)
-    cfg = iwm.Config(**state["config"])
-    model = iwm.WorldModel(cfg)
-    iwm.load_model_state(model, state, path)
-    return model.to(device).eval(), cfg, state["step"]
+def run_rollouts(model, cfg, episodes, args, out):
+    scripts = args.actions.split(",") if args.actions else []
+    sampler = iwm.WindowSampler(episodes, args.horizon, cfg)
+    print(f"{len(sampler.episodes)} episodes; {args.horizon} steps of {cfg.frame_skip} frames; "
+          f"{args.euler_steps} Euler steps per drawn frame")
+    frames, actions = sampler.sample(args.windows, torch.Generator().manual_seed(args.seed))
+    metrics = iwm.evaluate(model, frames, actions, args.device, contextlib.nullcontext(),   # full precision
+                           psnr_windows=args.windows, euler_steps=args.euler_steps)
+    columns = ["pred_copy", "psnr_prediction", "psnr_repeat_start", "psnr_reconstruction", "sharpness"]
+    table = [{"h": h + 1, **{c: metrics[c][h] for c in columns}} for h in range(args.horizon)]
+    print("PSNR in dB against the true frame; sharpness: the prediction's Laplacian variance / the truth's\n"
+          " h | latent pred/copy | prediction PSNR | repeat start | reconstruction | sharpness")
+    for row in table:
+        print(f"{row['h']:2d} | {row['pred_copy']:16.3f} | {row['psnr_prediction']:15.2f} | "
+              f"{row['psnr_repeat_start']:12.2f} | {row['psnr_reconstruction']:14.2f} | {row['sharpness']:9.2f}")
+    print(f"action sensitivity {metrics['action_sensitivity']:.2f}, target std {metrics['target_std']:.3f}")
+    results = {"windows": args.windows, "euler_steps": args.euler_steps, "per_horizon": table,
+               **{k: metrics[k] for k in ("action_sensitivity", "target_std")}}
+    for i, (episode, start) in enumerate(tqdm(sampler.sample_positions(args.n, torch.Generator().manual_seed(args.seed + 1)),
+                                              desc="rollout GIFs", unit="gif")):
+        frames, recorded = (torch.from_numpy(x)[None].to(args.device) for x in sampler.window_at(episode, start))
+        recorded_rows = np.array(episode["actions"][start:start + args.horizon * cfg.frame_skip])
+        noise = torch.Generator(args.device).manual_seed(args.seed)
+        truth = to_pixels(iwm.normalize_frames(frames[0], cfg.image_size))
+        panels, labels, rows = [truth], ["true future"], [recorded_rows]
+        with torch.no_grad():
+            start_latent = model.encode(frames[:, :1])[:, 0]
+            runs = [("predicted", recorded, recorded_rows)]
+            for script in scripts:
+                script_rows = np.stack([SCRIPTS[script](i, len(recorded_rows)) for i in range(len(recorded_rows))])
+                windows = scripted_windows(episode, start, script_rows, cfg, args.horizon)
+                runs.append((script, torch.from_numpy(windows)[None].to(args.device), script_rows))
+            if not scripts:                        # the reconstruction: the target latents, drawn
+                runs.append(("reconstruction", None, recorded_rows))
+            for label, window_actions, script_rows in runs:
+                latents = model.encode_target(frames)[0, 1:] if window_actions is None else \
+                    model.rollout(start_latent, window_actions)[0]
+                panels.append(np.concatenate([truth[:1], to_pixels(model.decoder.draw(latents, args.euler_steps, noise))]))
+                labels.append(label)
+                rows.append(script_rows)
+        name = f"rollout_{i}" + "".join(f"_{s}" for s in scripts) + ".gif"
+        compose_gif(os.path.join(out, name), panels, labels, rows, cfg.frame_skip, args.scale)
+    return "metrics", results
 
-
-def episode_from_video(video_path, res):
-    """Convert a raw <stem>.mp4 + <stem>.jsonl pair on the fly with prepare_data's converter."""
-    jsonl_path = video_path[:-len(".mp4")] + ".jsonl"
-    if not video_path.endswith(".mp4") or not os.path.exists(jsonl_path):
-        raise SystemExit(f"{video_path}: expected a <stem>.mp4 with its <stem>.jsonl beside it")
-    try:
-        lines = prepare_data.read_jsonl(jsonl_path)
-        actions, _ = prepare_data.actions_from_lines(lines)
-        frames = prepare_data.read_frames(video_path, lines, res)
-    except prepare_data.EpisodeError as e:
-        raise SystemExit(f"error: {e}")
-    return {"name": os.path.basename(video_path), "frames": frames, "actions": actions}
 
 # -----------------------------------------------------------------------------
 # Probes: can a linear map read the player's state (yaw, pitch, position) off the latents?
 
 PROBE_TARGETS = ["sin yaw", "cos yaw", "pitch", "x", "y", "z"]
+POOLINGS = ["mean", "rows+columns"]
+
+
+@torch.no_grad()
+def pooled_latents(model, frames, chunk=256):
+    """Features per frame, two ways: "mean", the encoder's tokens averaged over the image (D);
+    "rows+columns", averaged along each row and each column of the token grid (2 * grid * D),
+    which keeps where things are along one axis (the horizon's height, say)."""
+    device, pooled = next(model.parameters()).device, {name: [] for name in POOLINGS}
+    for i in range(0, len(frames), chunk):
+        tokens = model.encode(torch.from_numpy(np.array(frames[i:i + chunk]))[None].to(device))[0].float().cpu()
+        grid = tokens.unflatten(1, (model.cfg.image_size // model.cfg.patch_size, -1))   # (n, g, g, D)
+        pooled["mean"].append(tokens.mean(dim=1))
+        pooled["rows+columns"].append(torch.cat([grid.mean(dim=2).flatten(1), grid.mean(dim=1).flatten(1)], dim=1))
+    return {name: torch.cat(parts) for name, parts in pooled.items()}
+
+
+def fit_ridge(features, targets, l2=1e-3):
+    """Linear (ridge) regression on standardised features, solved in closed form:
+    W = (X^T X + l2 n I)^-1 X^T (Y - mean Y). Returns a function features -> predictions."""
+    features, targets = features.double(), targets.double()
+    mean, std, offset = features.mean(0), features.std(0) + 1e-6, targets.mean(0)
+    x = (features - mean) / std
+    weights = torch.linalg.solve(x.T @ x + l2 * len(x) * torch.eye(x.shape[1], dtype=x.dtype), x.T @ (targets - offset))
+    return lambda new: ((new.double() - mean) / std) @ weights + offset
+
+
+def r_squared(predicted, targets):
+    """Per column: 1 - squared error / variance. 1 is perfect; 0 is no better than the mean."""
+    targets = targets.double()
+    return 1 - (predicted - targets).pow(2).sum(0) / (targets - targets.mean(0)).pow(2).sum(0)
 
 
 def probe_data(model, episodes, every):
-    """Pooled latents ({pooling: (n, F)}) of every `every`-th frame, and the recorded state there
-    as probe targets (n, 6)."""
+    """Pooled latents of every `every`-th frame, and the recorded state there as targets (n, 6)."""
     features, targets = [], []
     for episode in tqdm(episodes, desc="probe features", unit="episode", leave=False):
-        frames = np.arange(0, len(episode["frames"]), every)
-        state = np.asarray(episode["state"][frames], np.float64)
-        yaw = np.radians(state[:, 0])
-        features.append(iwm.pooled_latents(model, np.asarray(episode["frames"][frames])))
-        targets.append(np.stack([np.sin(yaw), np.cos(yaw), *state[:, 1:].T], axis=1))
-    pooled = {name: torch.cat([f[name] for f in features]) for name in iwm.POOLINGS}
-    return pooled, torch.from_numpy(np.concatenate(targets))
+        state = np.asarray(episode["state"][::every], np.float64)
+        features.append(pooled_latents(model, np.asarray(episode["frames"][::every])))
+        targets.append(np.stack([np.sin(np.radians(state[:, 0])), np.cos(np.radians(state[:, 0])), *state[:, 1:].T], axis=1))
+    return {name: torch.cat([f[name] for f in features]) for name in POOLINGS}, torch.from_numpy(np.concatenate(targets))
 
 
-def run_probes(model, cfg, train, val, args):
-    """Fit ridge probes on training episodes, score R^2 on validation episodes; the same for a
-    randomly initialised model as the baseline."""
-    train, val = [e for e in train if "state" in e], [e for e in val if "state" in e]
-    if not train or not val:
+def run_probes(model, cfg, train_episodes, val_episodes, args):
+    """Ridge probes fit on training episodes, R^2 on validation episodes; a randomly initialised
+    model is the baseline."""
+    train_episodes, val_episodes = [e for e in train_episodes if "state" in e], [e for e in val_episodes if "state" in e]
+    if not train_episodes or not val_episodes:
         raise SystemExit(f"error: {cfg.data}: the probe needs recorded state (yaw, pitch, position) "
                          "in both training and validation episodes")
     torch.manual_seed(args.seed)
-    baseline = iwm.WorldModel(cfg).to(next(model.parameters()).device).eval()
     scores = {}
-    for name, encoder in (("trained", model), ("random init", baseline)):
-        train_features, train_targets = probe_data(encoder, train, args.probe_every)
-        val_features, val_targets = probe_data(encoder, val, args.probe_every)
-        for pooling in iwm.POOLINGS:
-            fit = iwm.fit_ridge(train_features[pooling], train_targets, l2=args.probe_l2)
-            scores[f"{name}, {pooling}"] = iwm.r_squared(fit(val_features[pooling]), val_targets).tolist()
-    frames = "every frame" if args.probe_every == 1 else f"every {args.probe_every}th frame"
-    print(f"linear probe R^2 on {len(val)} validation episodes (fit on {len(train)} training episodes, "
-          f"{frames}, ridge l2 {args.probe_l2})")
+    for name, encoder in (("trained", model), ("random init", iwm.WorldModel(cfg).to(args.device).eval())):
+        (train_features, train_targets), (val_features, val_targets) = (
+            probe_data(encoder, episodes, args.probe_every) for episodes in (train_episodes, val_episodes))
+        for pooling in POOLINGS:
+            fit = fit_ridge(train_features[pooling], train_targets, l2=args.probe_l2)
+            scores[f"{name}, {pooling}"] = dict(zip(PROBE_TARGETS, r_squared(fit(val_features[pooling]), val_targets).tolist()))
+    print(f"linear probe R^2 on {len(val_episodes)} validation episodes (fit on {len(train_episodes)} training "
+          f"episodes, every {args.probe_every} frame(s), ridge l2 {args.probe_l2})")
     print(f"{'encoder, pooling':28s}" + "".join(f"{t:>9s}" for t in PROBE_TARGETS))
     for name, values in scores.items():
-        print(f"{name:28s}" + "".join(f"{v:9.3f}" for v in values))
-    return {name: dict(zip(PROBE_TARGETS, values)) for name, values in scores.items()}
+        print(f"{name:28s}" + "".join(f"{v:9.3f}" for v in values.values()))
+    return "probe", {"r_squared": scores}
 
 
 # -----------------------------------------------------------------------------
 # Surprise: the prediction error along an episode spikes when the world jumps
 
 
-def teleport_episode(seed, steps, teleport_step, cfg):
-    """The scripted player in the built-in world for `steps` model steps; just after the frame
-    of step teleport_step it is moved half the world away. Returns frames (steps + 1, H, W, 3)
-    and action windows (steps, K, A), built by the same converter as the dataset."""
+def played_episode(seed, steps, cfg, teleport_step=None):
+    """The scripted player in the built-in world for `steps` model steps (moved half the world
+    away just after the frame of teleport_step). Returns frames (steps + 1, H, W, 3) and action
+    windows (steps, K, A), made by the same converter as the dataset."""
     world, player = prepare_data.World(seed), prepare_data.ScriptedPlayer(seed)
     frames, lines, previous = [], [], prepare_data.PlayerInput()
     for tick in range(steps * cfg.frame_skip + 1):
         if tick % cfg.frame_skip == 0:
             frames.append(prepare_data.dataset_frame(world.frame(), cfg.image_size))
-        if tick == teleport_step * cfg.frame_skip + 1:
+        if teleport_step is not None and tick == teleport_step * cfg.frame_skip + 1:
             world.pos[[0, 2]] = (world.pos[[0, 2]] + prepare_data.WORLD_SIZE / 2) % prepare_data.WORLD_SIZE
             world.pos[1] = world.ground_at(world.pos[0], world.pos[2])
         inp = player.act(world)
@@ -234,14 +257,20 @@ def teleport_episode(seed, steps, teleport_step, cfg):
     return torch.from_numpy(np.stack(frames)), torch.from_numpy(windows)
 
 
+@torch.no_grad()
+def surprise(model, frames, actions):
+    """Per model step of an episode, frames (T+1, H, W, 3) and actions (T, K, A): the per-token
+    MSE between the prediction from frame t and the target latent of frame t+1 -> (T,)."""
+    latents, targets = model.encode(frames[None])[0], model.encode_target(frames[None])[0]
+    return iwm.jepa_loss(model.predict_next(latents[:-1], actions), targets[1:]).mean(dim=-1)
+
+
 def run_surprise(model, cfg, args, steps=40, teleport_step=20):
-    """Teleport the player mid-episode in args.trials episodes; compare the prediction error of
-    the teleport step with the median error of the other steps of the same episode."""
-    device = next(model.parameters()).device
+    """The teleport step's error against the median error of the other steps, per episode."""
     ratios, largest = [], 0
     for trial in tqdm(range(args.trials), desc="surprise episodes", unit="episode", leave=False):
-        frames, windows = teleport_episode(10_000 + trial, steps, teleport_step, cfg)
-        errors = iwm.surprise(model, frames.to(device), windows.to(device)).cpu().numpy()
+        frames, windows = played_episode(10_000 + trial, steps, cfg, teleport_step)
+        errors = surprise(model, frames.to(args.device), windows.to(args.device)).cpu().numpy()
         ratios.append(errors[teleport_step] / np.median(np.delete(errors, teleport_step)))
         largest += int(errors.argmax() == teleport_step)
         if trial == 0:
@@ -250,136 +279,201 @@ def run_surprise(model, cfg, args, steps=40, teleport_step=20):
     print(f"surprise over {args.trials} teleport episodes: the teleport step's error is {np.median(ratios):.1f}x "
           f"the median step's (median over episodes; lowest {np.min(ratios):.1f}x, highest {np.max(ratios):.0f}x); "
           f"it is the episode's largest error in {largest} of {args.trials}")
-    return {"teleport_over_median_step": float(np.median(ratios)), "lowest": float(np.min(ratios)),
-            "teleport_step_largest": largest}
+    return "surprise", {"teleport_over_median_step": float(np.median(ratios)), "lowest": float(np.min(ratios)),
+                        "teleport_step_largest": largest, "trials": args.trials}
 
 
 # -----------------------------------------------------------------------------
-# Planning: reach a goal image in the built-in world by model-predictive control with CEM
+# Planning in latent space: the cross-entropy method over action sequences, executed by
+# model-predictive control in the built-in world
 
+def cem(cost, mean, std, low, high, iterations=4, population=32, elites=6, keep=3, correlation=0.0, generator=None):
+    """The cross-entropy method: minimise cost over a box [low, high]. Sample a population around
+    mean (Gaussian, std), score every sample, refit mean and std to the best `elites`, repeat.
+    cost maps (population, *mean.shape) samples to (population,) costs. With correlation > 0 the
+    noise is correlated along the first axis (time): each sample shares one offset across it, so
+    steady turns are drawn as often as jittery ones. As in iCEM (Pinneri et al. 2020), the best
+    `keep` samples join the next population and the best sample is returned, not the mean: when
+    the elites sit in two modes (turn left, turn right), their mean can be worse than either.
+    Returns the best sample (the plan) and its cost."""
+    kept = mean[None][:0]                                       # no samples carried over yet
+    for _ in range(iterations):
+        shared = torch.randn((population, 1, *mean.shape[1:]), generator=generator)
+        own = torch.randn((population, *mean.shape), generator=generator)
+        noise = correlation * shared + math.sqrt(1 - correlation ** 2) * own     # still unit variance
+        samples = torch.maximum(torch.minimum(mean + std * noise, high), low)
+        samples[0] = mean                                       # keep the current plan in the running,
+        samples[1:1 + len(kept)] = kept                         # and the last iteration's best
+        costs = cost(samples)
+        best = samples[costs.argsort()[:elites]]
+        kept = best[:keep]
+        mean, std = best.mean(dim=0), best.std(dim=0)
+    return best[0], costs.min().item()     # with keep >= 1, the best of all iterations
+
+
+# What the planner controls per model step (held for frame_skip frames): camera yaw and pitch in
+# degrees per frame, and the forward key (pressed when > 0.5). The box keeps turns within what the
+# training data shows (about 100 degrees per second at most).
+PLAN_CONTROLS = ["camera_yaw", "camera_pitch", "forward"]
+PLAN_LOW, PLAN_HIGH = torch.tensor([-5.0, -3.0, 0.0]), torch.tensor([5.0, 3.0, 1.0])
 GOAL_STEPS = 4            # model steps of the hidden action sequence that makes a goal
 EXTRA_STEPS = 2           # the agent gets a little more time than the hidden sequence took
-REPLAN_EVERY = 1          # model steps executed before planning again (1: replan after every step)
+
+
+def controls_to_rows(controls, frame_skip):
+    """(..., T, 3) planner controls -> (..., T * frame_skip, A) per-frame action rows."""
+    rows = torch.zeros(*controls.shape[:-1], len(ACTION_COLUMNS))
+    for i, name in enumerate(PLAN_CONTROLS):
+        value = controls[..., i]
+        rows[..., COLUMN[name]] = (value > 0.5).float() if name == "forward" else value
+    return rows.repeat_interleave(frame_skip, dim=-2)
+
+
+@torch.no_grad()
+def imagine(model, latent, history, rows):
+    """Roll out planned per-frame action rows (P, T * frame_skip, A) from one latent (N, D), given
+    the K recorded rows before it, history (K, A). Returns latents (P, T, N, D)."""
+    K, skip = history.shape[0], model.cfg.frame_skip
+    rows = torch.cat([history.expand(len(rows), -1, -1), rows.to(history.device)], dim=1)
+    # model step k's window: the K rows before frame (k + 1) * skip, as action_window gives in training
+    windows = torch.stack([rows[:, (k + 1) * skip:(k + 1) * skip + K] for k in range((rows.shape[1] - K) // skip)], dim=1)
+    return model.rollout(latent.expand(len(rows), -1, -1), windows.to(latent.device))
+
+
+def plan(model, latent, goal, history, horizon, init=None, generator=None, iterations=4):
+    """Controls (horizon, 3) whose imagined last latent is closest to the goal latent (N, D).
+    init: a previous plan to start from (model-predictive control shifts and reuses it).
+    Time-correlated samples (correlation 0.9) find steady turns (docs/planning.md)."""
+    def cost(controls):
+        final = imagine(model, latent, history, controls_to_rows(controls, model.cfg.frame_skip))[:, -1]
+        return iwm.jepa_loss(final, goal.expand_as(final)).mean(dim=-1).float().cpu()
+
+    mean = (PLAN_LOW + PLAN_HIGH).expand(horizon, -1) / 2 if init is None else init
+    return cem(cost, mean, (PLAN_HIGH - PLAN_LOW).expand(horizon, -1) / 2, PLAN_LOW, PLAN_HIGH, iterations,
+               correlation=0.9, generator=generator)
 
 
 def make_goal(seed, kind, cfg):
     """A start (the world) and a goal: what the player sees after a hidden sequence of turning
-    (30-80 degrees of yaw, up to 20 of pitch) or walking (GOAL_STEPS steps forward: 3.5 blocks at
-    frame_skip 4, with up to 30 degrees of turn; redrawn if a tree or cliff blocks the walk)
-    from the start. Returns (world, goal frame, goal state)."""
-    rng = np.random.default_rng(seed)
-    world = prepare_data.World(seed)
+    (30-80 degrees of yaw, up to 20 of pitch) or walking (GOAL_STEPS steps forward with up to 30
+    degrees of turn; redrawn if a tree or cliff blocks the walk). Returns (world, goal frame, goal state)."""
+    rng, world = np.random.default_rng(seed), prepare_data.World(seed)
     world.pitch = float(rng.uniform(-15, 25))
-    for attempt in range(100):
+    ticks = GOAL_STEPS * cfg.frame_skip
+    for _ in range(100):
         if kind == "turning":
             yaw, pitch, forward = rng.choice([-1, 1]) * rng.uniform(30, 80), rng.uniform(-20, 20), 0.0
         else:
             yaw, pitch, forward = rng.uniform(-30, 30), rng.uniform(-5, 5), 1.0
-        ticks = GOAL_STEPS * cfg.frame_skip
-        controls = torch.tensor([[yaw / ticks, pitch / ticks, forward]] * GOAL_STEPS)
         goal_world = copy.deepcopy(world)
-        for row in iwm.controls_to_rows(controls, cfg.frame_skip).numpy():
+        for row in controls_to_rows(torch.tensor([[yaw / ticks, pitch / ticks, forward]] * GOAL_STEPS), cfg.frame_skip).numpy():
             goal_world.step(prepare_data.input_from_action(row))
-        moved = np.linalg.norm(goal_world.pos - world.pos)
-        if kind == "turning" or moved > 0.7 * prepare_data.WALK * ticks:   # a blocked walk is no walk
+        if kind == "turning" or np.linalg.norm(goal_world.pos - world.pos) > 0.7 * prepare_data.WALK * ticks:
             return world, prepare_data.dataset_frame(goal_world.frame(), cfg.image_size), goal_world.state()
-        world.yaw = float(rng.uniform(-180, 180))
+        world.yaw = float(rng.uniform(-180, 180))             # a blocked walk is no walk: turn elsewhere
     raise RuntimeError(f"world {seed}: no direction to walk in from the start")
 
 
 def reached(state, goal, kind):
-    """Success: camera within 15 degrees of the goal's yaw and pitch, and for walking goals
-    within 1.5 blocks of the goal position."""
-    yaw_error = abs((state[0] - goal[0] + 180) % 360 - 180)
-    close = yaw_error <= 15 and abs(state[1] - goal[1]) <= 15
+    """Success: camera within 15 degrees of the goal's yaw and pitch, and for walking goals within
+    1.5 blocks of the goal position."""
+    close = abs((state[0] - goal[0] + 180) % 360 - 180) <= 15 and abs(state[1] - goal[1]) <= 15
     return close and (kind == "turning" or np.linalg.norm(state[2:] - goal[2:]) <= 1.5)
 
 
-def run_episode(model, world, goal_latent, cfg, policy, generator, autocast, iterations):
-    """Model-predictive control: plan, execute REPLAN_EVERY steps, see, plan again, until the
-    budget is spent. policy "plan" uses CEM; "random" draws controls uniformly from the same box.
-    Returns the frames seen, the latents imagined for each step, the executed rows, plan times."""
+def run_episode(model, world, goal_latent, cfg, policy, generator, iterations):
+    """Model-predictive control: plan, execute one model step, look, plan again, until the budget
+    is spent. policy "plan" uses CEM; "random" draws controls uniformly from the same box. Returns
+    the frames seen, the latents imagined for each step, the executed rows and the plan times."""
     device = next(model.parameters()).device
-    steps = GOAL_STEPS + EXTRA_STEPS
-    history = torch.zeros(cfg.action_window, len(prepare_data.ACTION_COLUMNS), device=device)   # standing still
-    seen, imagined, executed, seconds = [prepare_data.dataset_frame(world.frame(), cfg.image_size)], [], [], []
-    controls = None
-    for step in range(0, steps, REPLAN_EVERY):
-        horizon = steps - step                     # plan to the end of the budget, execute the start
+    history = torch.zeros(cfg.action_window, len(ACTION_COLUMNS), device=device)   # standing still
+    seen, imagined, executed, seconds, controls = [prepare_data.dataset_frame(world.frame(), cfg.image_size)], [], [], [], None
+    for step in range(GOAL_STEPS + EXTRA_STEPS):
+        horizon = GOAL_STEPS + EXTRA_STEPS - step          # plan to the end of the budget, execute the start
         if policy == "random":
-            controls = random_controls(horizon, generator)
+            controls = PLAN_LOW + (PLAN_HIGH - PLAN_LOW) * torch.rand(horizon, len(PLAN_CONTROLS), generator=generator)
         else:
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), iwm.autocast_to(device.type, iwm.choose_dtype(cfg, device.type)[0]):
                 latent = model.encode(torch.from_numpy(seen[-1])[None, None].to(device))[0, 0]
                 started = time.perf_counter()
-                init = None if controls is None else controls[REPLAN_EVERY:]
-                controls, _ = iwm.plan(model, latent, goal_latent, history, horizon, init, generator,
-                                       iterations=iterations)
+                controls, _ = plan(model, latent, goal_latent, history, horizon, None if controls is None else controls[1:],
+                                   generator, iterations)
                 seconds.append(time.perf_counter() - started)
-                rows = iwm.controls_to_rows(controls, cfg.frame_skip)
-                imagined.extend(iwm.imagine(model, latent, history, rows[None])[0, :REPLAN_EVERY].float())
-        rows = iwm.controls_to_rows(controls[:REPLAN_EVERY], cfg.frame_skip)
-        for k, row in enumerate(rows.numpy()):
+                imagined.append(imagine(model, latent, history, controls_to_rows(controls[None, :1], cfg.frame_skip))[0, 0].float())
+        rows = controls_to_rows(controls[:1], cfg.frame_skip)
+        for row in rows.numpy():
             world.step(prepare_data.input_from_action(row))
-            if (k + 1) % cfg.frame_skip == 0:
-                seen.append(prepare_data.dataset_frame(world.frame(), cfg.image_size))
+        seen.append(prepare_data.dataset_frame(world.frame(), cfg.image_size))
         executed.append(rows)
         history = torch.cat([history, rows.to(device)])[-cfg.action_window:]
     return seen, imagined, torch.cat(executed).numpy(), seconds
 
 
-def random_controls(horizon, generator):
-    """The random policy: controls drawn uniformly from the planner's box, per model step."""
-    return iwm.PLAN_LOW + (iwm.PLAN_HIGH - iwm.PLAN_LOW) * torch.rand(horizon, len(iwm.PLAN_CONTROLS),
-                                                                       generator=generator)
+def imagination_cost(model, cfg, args):
+    """FLOPs and milliseconds of imagining one model step for one candidate plan: in latent space
+    (conditioner + predictor), and as pixels, as a model that generates frames must (the same step,
+    then the decoder's sampler drawing the frame and the encoder reading it back)."""
+    latent = torch.zeros(1, (cfg.image_size // cfg.patch_size) ** 2, cfg.width, device=args.device)
+    window = torch.zeros(1, cfg.action_window, len(ACTION_COLUMNS), device=args.device)
+    in_latents = lambda: model.predict_next(latent, window)
+    as_pixels = lambda: model.encoder(model.decoder.draw(in_latents(), args.euler_steps))
+    costs = {}
+    with torch.no_grad():
+        for name, step in (("latent", in_latents), ("pixels", as_pixels)):
+            step()                                                     # warm-up
+            costs[name] = {"flops": iwm.count_flops(step), "ms": 1000 * iwm.timed(step, torch.device(args.device), 20)}
+    print(f"imagining one step: in latent space {costs['latent']['flops'] / 1e6:.1f} MFLOP, {costs['latent']['ms']:.2f} ms; "
+          f"as pixels ({args.euler_steps} Euler steps, then the encoder) {costs['pixels']['flops'] / 1e6:.1f} MFLOP, "
+          f"{costs['pixels']['ms']:.2f} ms: {costs['pixels']['flops'] / costs['latent']['flops']:.0f}x the FLOPs, "
+          f"{costs['pixels']['ms'] / costs['latent']['ms']:.0f}x the time")
+    return costs
 
 
-def run_planning(model, cfg, args, out, sample_steps):
-    """args.trials goals of each kind; the planner and the random policy start from the same
-    world with the same goal. Prints success rates and time per plan; writes GIFs of the first
-    args.n trials of each kind: goal | what the agent sees | what it imagined."""
-    device = next(model.parameters()).device
-    dtype, reason = iwm.choose_dtype(iwm.Config(dtype=args.plan_dtype), device.type)
-    autocast = iwm.autocast_to(device.type, dtype)
+def run_planning(model, cfg, args, out):
+    """args.trials goals of each kind; the planner and the random policy start from the same world
+    with the same goal. Writes GIFs of the first args.n planned trials: goal | agent sees | it imagined."""
     print(f"planning: CEM ({args.plan_iterations} iterations), {GOAL_STEPS + EXTRA_STEPS} model steps per episode, "
-          f"replanning every {REPLAN_EVERY}; precision {dtype} ({reason})")
-    results, seconds = {}, []
+          "replanning after every step")
+    results, seconds = {"cost_per_imagined_step": imagination_cost(model, cfg, args)}, []
     for kind_index, kind in enumerate(["turning", "walking"]):
         wins = {"plan": 0, "random": 0}
         for trial in tqdm(range(args.trials), desc=f"{kind} goals", unit="trial", leave=False):
             world, goal_frame, goal_state = make_goal(args.goal_seed + 1000 * kind_index + trial, kind, cfg)
             with torch.no_grad():
-                goal_latent = model.encode_target(torch.from_numpy(goal_frame)[None, None].to(device))[0, 0]
+                goal_latent = model.encode_target(torch.from_numpy(goal_frame)[None, None].to(args.device))[0, 0]
             for policy in wins:
-                generator = torch.Generator().manual_seed(args.seed * 100_000 + trial)
                 episode_world = copy.deepcopy(world)
                 seen, imagined, rows, plan_seconds = run_episode(model, episode_world, goal_latent, cfg, policy,
-                                                                 generator, autocast, args.plan_iterations)
+                                                                 torch.Generator().manual_seed(args.seed * 100_000 + trial),
+                                                                 args.plan_iterations)
                 wins[policy] += reached(episode_world.state(), goal_state, kind)
                 seconds += plan_seconds
                 if policy == "plan" and trial < args.n:
-                    noise = torch.Generator(device).manual_seed(args.seed)
                     with torch.no_grad():
-                        drawn = to_pixels(model.decoder.draw(torch.stack(imagined), sample_steps, noise))
-                    panels = [np.stack([goal_frame] * len(seen)), np.stack(seen), np.concatenate([seen[:1], drawn])]
-                    compose_gif(os.path.join(out, f"plan_{kind}_{trial}.gif"), panels,
-                                ["goal", "agent sees", "it imagined"],
-                                [np.zeros_like(rows), rows, rows], cfg.frame_skip, args.scale)
+                        drawn = to_pixels(model.decoder.draw(torch.stack(imagined), args.euler_steps,
+                                                             torch.Generator(args.device).manual_seed(args.seed)))
+                    compose_gif(os.path.join(out, f"plan_{kind}_{trial}.gif"),
+                                [np.stack([goal_frame] * len(seen)), np.stack(seen), np.concatenate([seen[:1], drawn])],
+                                ["goal", "agent sees", "it imagined"], [np.zeros_like(rows), rows, rows],
+                                cfg.frame_skip, args.scale)
         results[kind] = {policy: wins[policy] / args.trials for policy in wins}
         print(f"{kind} goals: planner {wins['plan']}/{args.trials} = {results[kind]['plan']:.0%}, "
               f"random policy {wins['random']}/{args.trials} = {results[kind]['random']:.0%}")
-    results["goal_seed"], results["plan_iterations"] = args.goal_seed, args.plan_iterations
-    results["seconds_per_plan"] = {"mean": float(np.mean(seconds)), "max": float(np.max(seconds))}
-    print(f"time per plan: mean {np.mean(seconds):.2f} s, max {np.max(seconds):.2f} s ({len(seconds)} plans, {device})")
-    return results
+    results.update(goal_seed=args.goal_seed, plan_iterations=args.plan_iterations, trials=args.trials,
+                   seconds_per_plan={"mean": float(np.mean(seconds)), "max": float(np.max(seconds))})
+    print(f"time per plan: mean {np.mean(seconds):.2f} s, max {np.max(seconds):.2f} s ({len(seconds)} plans, {args.device})")
+    return "plan", results
 
 
-def write_results(out, name, args, step, **results):
-    """out/<name>.json: which checkpoint and step, then the results; written atomically."""
-    path = os.path.join(out, f"{name}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"checkpoint": args.ckpt, "step": step, **results}, f, indent=1)
-    os.replace(path + ".tmp", path)
+# -----------------------------------------------------------------------------
+# Main: load the checkpoint, run one mode, write its results as JSON
+
+
+def positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
 
 
 def main(argv=None):
@@ -387,119 +481,75 @@ def main(argv=None):
     parser.add_argument("--ckpt", default="runs/iwm/ckpt.pt", help="checkpoint written by iwm.py")
     parser.add_argument("--data", help="dataset folder (default: the one the checkpoint trained on)")
     parser.add_argument("--video", help="a raw VPT <stem>.mp4 (with <stem>.jsonl) instead of a dataset")
-    parser.add_argument("--out", help="folder for GIFs and metrics.json (default: <ckpt folder>/samples)")
-    parser.add_argument("--horizon", type=int, default=16, help="open-loop model steps per rollout")
-    parser.add_argument("--n", type=int, default=4, help="rollout GIFs to write")
-    parser.add_argument("--windows", type=int, default=64, help="validation windows for the metric table")
-    parser.add_argument("--sample_steps", type=int, help="decoder Euler steps (default: the checkpoint's)")
+    parser.add_argument("--out", help="folder for GIFs and results (default: <ckpt folder>/samples)")
+    parser.add_argument("--horizon", type=positive, default=16, help="open-loop model steps per rollout")
+    parser.add_argument("--n", type=prepare_data.at_least(0), default=4, help="GIFs to write")
+    parser.add_argument("--windows", type=positive, default=64, help="validation windows for the metric table")
+    parser.add_argument("--euler_steps", type=positive, help="decoder Euler steps per frame (default: the checkpoint's)")
     parser.add_argument("--actions", help=f"comma-separated scripts to compare: {', '.join(SCRIPTS)}")
-    parser.add_argument("--scale", type=int, default=3, help="pixel upscaling in the GIFs")
+    parser.add_argument("--scale", type=positive, default=3, help="pixel upscaling in the GIFs")
     parser.add_argument("--seed", type=int, default=0, help="which windows, and the decoder's noise")
     parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    parser.add_argument("--probe", action="store_true", help="linear probes of yaw, pitch, position vs a random encoder")
-    parser.add_argument("--probe_every", type=int, default=1, help="probe every n-th frame of each episode")
-    parser.add_argument("--probe_l2", type=float, default=1e-5, help="ridge penalty of the probe")
-    parser.add_argument("--surprise", action="store_true", help="prediction error around a teleport (built-in world)")
-    parser.add_argument("--plan", action="store_true", help="goal reaching by planning in the built-in world")
-    parser.add_argument("--trials", type=int, default=50, help="--plan: goals of each kind; --surprise: episodes")
-    parser.add_argument("--goal_seed", type=int, default=20_000,
-                        help="--plan: world seed of the first turning goal (walking goals start 1000 later); "
-                             "another value gives goals no setting was tuned on")
-    parser.add_argument("--plan_iterations", type=int, default=4, help="--plan: CEM iterations per plan")
-    parser.add_argument("--plan_dtype", default="auto", help="--plan: float32 | bfloat16 | auto (as iwm.py chooses)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--probe", action="store_true", help="linear probes of yaw, pitch, position vs a random encoder")
+    mode.add_argument("--surprise", action="store_true", help="prediction error around a teleport (built-in world)")
+    mode.add_argument("--plan", action="store_true", help="goal reaching by planning in the built-in world")
+    parser.add_argument("--probe_every", type=positive, default=1, help="--probe: every n-th frame of each episode")
+    parser.add_argument("--probe_l2", type=prepare_data.at_least(1e-12, float), default=1e-5, help="--probe: ridge penalty")
+    parser.add_argument("--trials", type=positive, default=50, help="--plan: goals of each kind; --surprise: episodes")
+    parser.add_argument("--goal_seed", type=int, default=20_000, help="--plan: world seed of the first turning goal "
+                        "(walking goals start 1000 later); another value gives goals no setting was tuned on")
+    parser.add_argument("--plan_iterations", type=positive, default=4, help="--plan: CEM iterations per plan")
     args = parser.parse_args(argv)
-    scripts = args.actions.split(",") if args.actions else []
-    for script in scripts:
+    for script in args.actions.split(",") if args.actions else []:
         if script not in SCRIPTS:
-            raise SystemExit(f"--actions {script}: unknown script; choose from {', '.join(SCRIPTS)}")
-
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+            parser.error(f"argument --actions: unknown script {script!r}; choose from {', '.join(SCRIPTS)}")
     try:
-        model, cfg, step = load_model(args.ckpt, device)
-    except iwm.CheckpointError as e:
-        raise SystemExit(f"error: {e}")
-    sample_steps = args.sample_steps or cfg.sample_steps
-    out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples")
-    os.makedirs(out, exist_ok=True)
-    if args.plan or args.surprise:      # these run in the built-in world, no dataset needed
-        print(f"checkpoint {args.ckpt} (step {step}, {cfg.size})")
+        iwm.check_device(args.device)
+        args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+            "cpu" if args.device == "auto" else args.device
+        state = iwm.load_checkpoint(args.ckpt)
+        cfg = iwm.saved_config(state, **({"data": args.data} if args.data else {}))
+        model = iwm.WorldModel(cfg)
+        iwm.load_model_state(model, state, args.ckpt)
+        model.to(args.device).eval()
+        args.euler_steps = args.euler_steps or cfg.euler_steps
+        out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples")
+        os.makedirs(out, exist_ok=True)
+        print(f"checkpoint {args.ckpt} (step {state['step']}, {cfg.size})")
         if args.plan:
-            name, results = "plan", run_planning(model, cfg, args, out, sample_steps)
+            name, results = run_planning(model, cfg, args, out)
+        elif args.surprise:
+            name, results = run_surprise(model, cfg, args)
+        elif args.video:
+            name, results = run_rollouts(model, cfg, [episode_from_video(args.video, cfg.image_size)], args, out)
         else:
-            name, results = "surprise", run_surprise(model, cfg, args)
-        write_results(out, name, args, step, trials=args.trials, **results)
-        return
-    if args.video:
-        episodes = [episode_from_video(args.video, cfg.image_size)]
-    else:
-        cfg.data = args.data or cfg.data
-        try:
-            _, train_episodes, episodes = iwm.open_dataset(cfg)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: {e}")
-        if args.probe:
-            scores = run_probes(model, cfg, train_episodes, episodes, args)
-            write_results(out, "probe", args, step, r_squared=scores)
-            return
-    autocast = contextlib.nullcontext()    # sampling runs in full precision
-    try:
-        sampler = iwm.WindowSampler(episodes, args.horizon, cfg)
-    except ValueError as e:
+            _, train_episodes, val_episodes = iwm.open_dataset(cfg)
+            name, results = (run_probes(model, cfg, train_episodes, val_episodes, args) if args.probe
+                             else run_rollouts(model, cfg, val_episodes, args, out))
+        path = os.path.join(out, f"{name}.json")
+        with open(path + ".tmp", "w") as f:                 # written whole or not at all
+            json.dump({"checkpoint": args.ckpt, "step": state["step"], **results}, f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(f"wrote {path}" + (f" and the GIFs beside it" if args.n and name in ("metrics", "plan") else ""))
+    except (iwm.CheckpointError, ValueError, prepare_data.EpisodeError) as e:
         raise SystemExit(f"error: {e}")
-    generator = torch.Generator().manual_seed(args.seed)
-    print(f"checkpoint {args.ckpt} (step {step}, {cfg.size}); {len(sampler.episodes)} episodes; "
-          f"{args.horizon} steps of {cfg.frame_skip} frames; {sample_steps} sampler steps")
+    except OSError as e:
+        raise SystemExit(f"error: {prepare_data.describe(e)}")
+    except KeyboardInterrupt:
+        print("interrupted")
+        raise SystemExit(130)
 
-    # The metric table, on --windows validation windows
-    frames, actions = sampler.sample(args.windows, generator)
-    metrics = iwm.evaluate(model, frames, actions, device, autocast, psnr_windows=args.windows,
-                           sample_steps=sample_steps)
-    columns = ["pred_copy", "psnr_prediction", "psnr_prediction_mean", "psnr_repeat_start", "psnr_reconstruction"]
-    table = [{"h": h + 1, **{c: metrics[c][h] for c in columns}} for h in range(args.horizon)]
-    print(f"PSNR in dB against the true frame; prediction sample: {sample_steps} Euler steps, prediction mean: 1 step")
-    print(" h | latent pred/copy | prediction sample | prediction mean | repeat start | reconstruction")
-    for row in table:
-        print(f"{row['h']:2d} | {row['pred_copy']:16.3f} | {row['psnr_prediction']:17.2f} | "
-              f"{row['psnr_prediction_mean']:15.2f} | {row['psnr_repeat_start']:12.2f} | {row['psnr_reconstruction']:14.2f}")
-    print(f"action sensitivity {metrics['action_sensitivity']:.2f}, target std {metrics['target_std']:.3f}")
-    write_results(out, "metrics", args, step, sample_steps=sample_steps, windows=args.windows,
-                  action_sensitivity=metrics["action_sensitivity"], target_std=metrics["target_std"],
-                  per_horizon=table)
 
-    # The GIFs
-    seconds = []
-    positions = sampler.sample_positions(args.n, torch.Generator().manual_seed(args.seed + 1))
-    for i, (episode, start) in enumerate(tqdm(positions, desc="rollout GIFs", unit="gif")):
-        started = time.perf_counter()
-        frames, recorded = (torch.from_numpy(x)[None] for x in sampler.window_at(episode, start))
-        n_frames = args.horizon * cfg.frame_skip
-        recorded_rows = np.array(episode["actions"][start:start + n_frames])
-        noise = torch.Generator(device).manual_seed(args.seed)
-        with torch.no_grad():
-            f = frames.to(device)
-            start_latent = model.encode(f[:, :1])[:, 0]
-            truth = to_pixels(iwm.normalize_frames(f[0], cfg.image_size))
-            runs = [("predicted", recorded, recorded_rows)]
-            for script in scripts:
-                rows = script_rows(script, n_frames)
-                windows = scripted_window_actions(episode, start, rows, cfg, args.horizon)
-                runs.append((script, torch.from_numpy(windows)[None], rows))
-            panels, labels, panel_actions = [truth], ["true future"], [recorded_rows]
-            for label, window_actions, rows in runs:
-                predicted = model.rollout(start_latent, window_actions.to(device))[0]
-                drawn = to_pixels(model.decoder.draw(predicted, sample_steps, noise))
-                panels.append(np.concatenate([truth[:1], drawn]))
-                labels.append(label)
-                panel_actions.append(rows)
-            if not scripts:
-                target = model.encode_target(f)[0, 1:]
-                panels.append(np.concatenate([truth[:1], to_pixels(model.decoder.draw(target, sample_steps, noise))]))
-                labels.append("reconstruction")
-                panel_actions.append(recorded_rows)
-        name = f"rollout_{i}" + (f"_{'_'.join(scripts)}" if scripts else "") + ".gif"
-        compose_gif(os.path.join(out, name), panels, labels, panel_actions, cfg.frame_skip, args.scale)
-        seconds.append(time.perf_counter() - started)
-    print(f"wrote {len(positions)} GIFs to {out} ({np.mean(seconds):.1f} s per {args.horizon}-step rollout GIF)")
+def episode_from_video(video_path, res):
+    """Convert a raw <stem>.mp4 + <stem>.jsonl pair on the fly with prepare_data's converter."""
+    jsonl_path = video_path[:-len(".mp4")] + ".jsonl"
+    if not video_path.endswith(".mp4") or not os.path.exists(jsonl_path):
+        raise ValueError(f"{video_path}: expected a <stem>.mp4 with its <stem>.jsonl beside it")
+    lines = prepare_data.read_jsonl(jsonl_path)
+    actions, _ = prepare_data.actions_from_lines(lines)
+    return {"name": os.path.basename(video_path), "frames": prepare_data.read_frames(video_path, lines, res),
+            "actions": actions}
 
 
 if __name__ == "__main__":
