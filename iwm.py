@@ -13,16 +13,19 @@ never shapes them), turns latents back into pictures so that people can watch pr
 
     noise --decoder(latent tokens, diffusion time t)--> Euler steps --> frame
 
-Notable choices (docs/faults.md lists the faults of the original system each one fixes):
+Notable choices (docs/faults.md lists the faults of the original system they fix; docs/
+experiments.md what each measured change bought):
   - each of the 25 action tokens has its own temporal position (not an unordered bag)
   - the target encoder is an EMA copy in eval mode, momentum 0.996 -> 1.0, saved in checkpoints
   - latents are layer-normalised over the feature axis (no affine); the loss is per token
-  - pixels are normalised to [-1, 1] on the device; actions are scaled in one place (scale_actions)
-  - the predictor predicts a change to the current latent (it starts as "nothing changes")
+  - the predictor predicts a change to the start frame's target latent: untrained, it says
+    "nothing changes", exactly the baseline every result is compared with
+  - the loss covers an open-loop rollout and teacher-forced steps (V-JEPA 2-AC), and weighs
+    each window by how much its view changes, so that big turns do not drown out the rest
   - the decoder is a real diffusion model (rectified flow, a DiT with adaLN-Zero) that draws
     each latent token into that token's own patch
-  - every evaluation reports pred/copy per horizon, action sensitivity, the collapse watch,
-    and the PSNR and sharpness of decoded predictions next to "nothing moves"
+  - every evaluation reports pred/copy per horizon, action sensitivity, the collapse watch, and
+    the PSNR and sharpness of decoded predictions next to "nothing moves"
 
 Shape legend: B batch, S frames in a window, R rollout steps, N tokens per frame, D width,
 E decoder width, K action window (25), A action columns, H/W pixels, p patch size.
@@ -35,8 +38,8 @@ Commands:
     python iwm.py --help                        # every flag, generated from Config below
 
 Reading order: config -> helpers -> attention and blocks -> encoder -> action conditioner ->
-predictor -> diffusion decoder -> world model, loss and EMA -> data -> evaluation -> planning
-in latent space -> checkpoints -> training -> benchmark -> main.
+predictor -> diffusion decoder -> world model, loss and EMA -> data -> the training loop ->
+evaluation -> checkpoints -> training helpers -> benchmark -> main.
 """
 import argparse
 import contextlib
@@ -108,7 +111,7 @@ class Config:
                                      # in the backward pass instead of storing them (less memory)
     compile: bool = False            # torch.compile each part (slow first steps, then faster)
     bench: int = 0                   # > 0: time this many training steps on random data and exit
-    device: str = "auto"             # cpu | cuda | auto
+    device: str = "auto"             # cpu | cuda | cuda:N | auto
     seed: int = 0
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 500            # steps between validation lines
@@ -144,7 +147,6 @@ MODEL_FIELDS = ["image_size", "patch_size", "width", "heads", "encoder_depth", "
                 "decoder_heads", "decoder_mlp_ratio"]         # the fields that shape the weights
 MAY_BE_ZERO = {"warmup_steps", "weight_decay", "bench", "eval_psnr_windows"}
 FRACTIONS = {"min_lr_ratio", "ema_start", "ema_end"}
-DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
 
 def check_config(cfg):
@@ -153,22 +155,19 @@ def check_config(cfg):
         value = getattr(cfg, f.name)
         if f.type not in (int, float) or f.name == "seed":
             continue
-        if f.name in FRACTIONS:
-            ok, rule = 0 <= value <= 1, "between 0 and 1"
-        elif f.name in MAY_BE_ZERO:
-            ok, rule = value >= 0, "0 or more"
-        else:
-            ok, rule = value > 0, "at least 1" if f.type is int else "above 0"
+        ok, rule = ((0 <= value <= 1, "between 0 and 1") if f.name in FRACTIONS else
+                    (value >= 0, "0 or more") if f.name in MAY_BE_ZERO else
+                    (value > 0, "at least 1" if f.type is int else "above 0"))
         if not ok:
             raise ValueError(f"--{f.name} {value}: must be {rule}")
     for width, heads in (("width", "heads"), ("decoder_width", "decoder_heads")):
-        if getattr(cfg, width) % getattr(cfg, heads) or getattr(cfg, width) % 4:
-            raise ValueError(f"--{width} {getattr(cfg, width)}: must be divisible by 4 and by "
-                             f"--{heads} {getattr(cfg, heads)}")
+        if getattr(cfg, width) % getattr(cfg, heads) or getattr(cfg, width) % 4:   # 2-D positions: 4 parts
+            raise ValueError(f"--{width} {getattr(cfg, width)}: must be divisible by 4 and by --{heads} "
+                             f"{getattr(cfg, heads)}")
     if cfg.image_size % cfg.patch_size:
         raise ValueError(f"--image_size {cfg.image_size}: must be divisible by --patch_size {cfg.patch_size}")
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype {cfg.dtype}: choose one of {', '.join(DTYPES)}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {cfg.dtype}: choose one of auto, float32, bfloat16, float16")
     if cfg.size not in PRESETS:
         raise ValueError(f"--size {cfg.size}: choose one of auto, {', '.join(PRESETS)}")
     check_device(cfg.device)
@@ -183,6 +182,7 @@ def check_device(device):
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0 or (device != "cuda" and int(device[5:]) >= count):
         raise ValueError(f"--device {device}: this machine has {count} CUDA GPUs; use --device cpu")
+
 
 # -----------------------------------------------------------------------------
 # Small helpers
@@ -210,17 +210,12 @@ def normalize_frames(frames, image_size):
 
 
 def sincos_positions_2d(grid, dim):
-    """Fixed 2-D sin-cos position embedding (MAE / I-JEPA): (grid*grid, dim). Half of the
-    channels encode the row, half the column, each at dim/4 geometrically spaced frequencies."""
-    assert dim % 4 == 0, "width must be divisible by 4 for 2-D sin-cos positions"
+    """Fixed 2-D sin-cos position embedding (MAE, I-JEPA): (grid*grid, dim). Half of the channels
+    encode the row, half the column, each at dim/4 geometrically spaced frequencies."""
     frequencies = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-
-    def encode(position):
-        angles = position.flatten()[:, None].float() * frequencies[None]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([encode(rows), encode(cols)], dim=1)
+    angles = torch.stack([rows.flatten()[:, None] * frequencies, cols.flatten()[:, None] * frequencies], dim=1)
+    return torch.cat([angles.sin(), angles.cos()], dim=2).flatten(1)       # (N, 2, dim/2) -> (N, dim)
 
 
 # -----------------------------------------------------------------------------
@@ -232,18 +227,16 @@ class Attention(nn.Module):
 
     def __init__(self, dim, heads):
         super().__init__()
-        assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
         self.heads = heads
         self.query = nn.Linear(dim, dim)
         self.key_value = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x, context=None):
-        context = x if context is None else context
         B, N, D = x.shape
-        M = context.shape[1]
         q = self.query(x).view(B, N, self.heads, D // self.heads).transpose(1, 2)        # (B, h, N, D/h)
-        k, v = self.key_value(context).view(B, M, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        source = x if context is None else context
+        k, v = self.key_value(source).view(B, source.shape[1], 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         if x.is_cuda:       # the fused kernel: fast and memory-light on a GPU
             x = F.scaled_dot_product_attention(q, k, v)                                 # (B, h, N, D/h)
         else:               # the same formula spelled out: on CPU the fused kernel's backward
@@ -255,8 +248,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Sequential):
     def __init__(self, dim, ratio):
-        hidden = int(dim * ratio)
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        super().__init__(nn.Linear(dim, int(dim * ratio)), nn.GELU(), nn.Linear(int(dim * ratio), dim))
 
 
 class Block(nn.Module):
@@ -294,16 +286,15 @@ def run_blocks(blocks, x, *context, checkpoint=False):
 
 
 class Encoder(nn.Module):
-    """ViT: patchify, add fixed 2-D positions, pre-norm blocks, final layer norm without affine.
-
-    The final norm has no learnable scale or shift, so its output lives in the same space as the
-    training target (the target encoder's output is normalised the same way, as in I-JEPA); the
-    predictor's outputs can then be fed back in as inputs during rollouts."""
+    """ViT: patchify, add fixed 2-D positions, pre-norm blocks, a final layer norm without affine.
+    Without a learnable scale or shift, its output lives in the same space as the training target
+    (the target encoder's output, normalised the same way, as in I-JEPA), so the predictor's
+    outputs can be fed back in as inputs during rollouts."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         grid = cfg.image_size // cfg.patch_size
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         self.register_buffer("positions", sincos_positions_2d(grid, cfg.width), persistent=False)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.encoder_mlp_ratio)
                                     for _ in range(cfg.encoder_depth))
@@ -358,10 +349,10 @@ class Predictor(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.grad_ckpt = cfg.grad_ckpt
 
-    def forward(self, conditioned, latent):                    # (B, N, D), (B, N, D)
+    def forward(self, conditioned, base):                      # (B, N, D), (B, N, D)
         x = conditioned + self.positions                       # (B, N, D)
         x = run_blocks(self.blocks, x, checkpoint=self.grad_ckpt)
-        return latent + self.head(self.norm(x))                # (B, N, D)
+        return base + self.head(self.norm(x))                  # (B, N, D) base + the predicted change
 
 
 # -----------------------------------------------------------------------------
@@ -512,12 +503,10 @@ class Decoder(nn.Module):
 
 
 def jepa_loss(predicted, target):
-    """Per-token squared error averaged over the feature axis -> (B, N).
-
-    Reduced over features (D), never over tokens: every token is its own prediction. (The
-    original took a norm over the patch axis.) MSE rather than smooth-L1 because pred/copy,
-    the number we judge the model by, is a ratio of mean squared errors: the loss optimises
-    exactly what is reported. The targets are layer-normalised, so errors are O(1)."""
+    """Per-token squared error averaged over the feature axis -> (..., N). Reduced over features
+    (D), never over tokens: every token is its own prediction (the original took a norm over the
+    patch axis). MSE rather than smooth-L1 because pred/copy, the number we judge the model by,
+    is a ratio of mean squared errors. The targets are layer-normalised, so errors are O(1)."""
     return (predicted.float() - target.float()).pow(2).mean(dim=-1)
 
 
@@ -537,49 +526,51 @@ class WorldModel(nn.Module):
         self.target_encoder.eval()   # important! the target is always in eval mode
         return self
 
-    def _encode_with(self, encoder, frames):                   # (B, S, H, W, 3) uint8
+    def encode(self, frames, encoder=None):                    # (B, S, H, W, 3) uint8
+        """Latents of each frame, (B, S, N, D): the encoder's, or another encoder's."""
         B, S = frames.shape[:2]
-        x = normalize_frames(frames, self.cfg.image_size)       # (B, S, 3, H, W)
-        return encoder(x.flatten(0, 1)).unflatten(0, (B, S))    # (B, S, N, D)
-
-    def encode(self, frames):
-        """Online-encoder latents of each frame: (B, S, N, D)."""
-        return self._encode_with(self.encoder, frames)
+        x = normalize_frames(frames, self.cfg.image_size).flatten(0, 1)        # (B*S, 3, H, W)
+        return (encoder or self.encoder)(x).unflatten(0, (B, S))               # (B, S, N, D)
 
     @torch.no_grad()
     def encode_target(self, frames):
         """Target-encoder latents of each frame: (B, S, N, D), never with a gradient."""
-        return self._encode_with(self.target_encoder, frames)
+        return self.encode(frames, self.target_encoder)
 
-    def predict_next(self, latent, actions):                   # (B, N, D), (B, K, A)
-        """One model step: the latent of the frame frame_skip frames later."""
-        return self.predictor(self.action_conditioner(latent, actions), latent)   # (B, N, D)
+    def predict_next(self, latent, actions, base=None):        # (B, N, D), (B, K, A), (B, N, D)
+        """One model step: the latent frame_skip frames later, as base + a predicted change.
+        The base is the latent itself unless given (the start frame's target latent)."""
+        return self.predictor(self.action_conditioner(latent, actions), latent if base is None else base)
 
-    def rollout(self, latent, actions):                        # (B, N, D), (B, R, K, A)
-        """Open loop: feed each prediction back in. Returns (B, R, N, D)."""
+    def rollout(self, latent, actions, base=None):             # (B, N, D), (B, R, K, A), (B, N, D)
+        """Open loop from the encoded start frame, each prediction fed back in. The first step's
+        "nothing changes" is the start frame's target latent, `base`. Returns (B, R, N, D)."""
         predictions = []
         for step in range(actions.shape[1]):
-            latent = self.predict_next(latent, actions[:, step])
+            latent = self.predict_next(latent, actions[:, step], base if step == 0 else None)
             predictions.append(latent)
         return torch.stack(predictions, dim=1)
 
     def forward(self, frames, actions):                        # (B, R+1, H, W, 3), (B, R, K, A)
-        """Training loss = JEPA loss (first step from the real frame, then R-1 steps on the
-        model's own predictions) + decoder loss. Also returns the parts, for logging."""
+        """Training loss = JEPA loss + decoder loss. Also returns the parts, for logging."""
         assert frames.shape[1] == actions.shape[1] + 1, "need one more frame than action windows"
-        # Step 1: targets from the EMA encoder (no gradient, eval mode)
-        targets = self.encode_target(frames[:, 1:])                      # (B, R, N, D)
-        # Step 2: encode the start frame, roll out R steps, compare every step
-        latent = self.encode(frames[:, :1])[:, 0]                        # (B, N, D)
-        predictions = self.rollout(latent, actions)                      # (B, R, N, D)
-        world_loss = jepa_loss(predictions, targets).mean()
+        B, R = actions.shape[:2]
+        # Step 1: targets from the EMA encoder (no gradient, eval mode), the start frame's too
+        targets = self.encode_target(frames)                                  # (B, R+1, N, D)
+        # Step 2: predictions. Open loop from the encoded start frame, and one teacher-forced step
+        # from each later true target latent (V-JEPA 2-AC trains both ways).
+        predictions = self.rollout(self.encode(frames[:, :1])[:, 0], actions, targets[:, 0])   # (B, R, N, D)
+        forced = self.predict_next(targets[:, 1:-1].flatten(0, 1), actions[:, 1:].flatten(0, 1))   # (B*(R-1), N, D)
+        errors = torch.cat([jepa_loss(predictions, targets[:, 1:]),                             # (B, R, N)
+                            jepa_loss(forced.unflatten(0, (B, R - 1)), targets[:, 2:])],        # (B, R-1, N)
+                           dim=1).mean(dim=(1, 2))                                              # (B,)
+        change = jepa_loss(targets[:, :1], targets[:, 1:]).mean(dim=(1, 2))   # (B,) the error of "nothing changes"
+        world_loss = (errors * window_weights(change)).mean()
         # Step 2b: the decoder learns to draw one future frame per window from its target latent,
         # detached: no decoder gradient reaches the JEPA (DINO-WM and LeWM plan worse when it does)
-        B, R = actions.shape[:2]
         rows, step = torch.arange(B, device=frames.device), torch.randint(R, (B,), device=frames.device)
-        condition = targets[rows, step]                                   # (B, N, D), no gradient
         image = normalize_frames(frames[rows, step + 1], self.cfg.image_size)        # (B, 3, H, W)
-        decoder_losses, t = rectified_flow_loss(lambda x, t: self.decoder(x, t, condition), image)
+        decoder_losses, t = rectified_flow_loss(lambda x, t: self.decoder(x, t, targets[rows, step + 1]), image)
         info = {"world_loss": world_loss.detach(), "decoder_losses": decoder_losses.detach(), "decoder_t": t}
         return world_loss + decoder_losses.mean(), info
 
@@ -588,6 +579,15 @@ class WorldModel(nn.Module):
         """Step 3: target <- momentum * target + (1 - momentum) * encoder."""
         for target, online in zip(self.target_encoder.parameters(), self.encoder.parameters()):
             target.lerp_(online, 1.0 - momentum)
+
+
+def window_weights(change):
+    """Each window's weight in the loss, from how much its view changes (B,): its error counts
+    relative to that change plus the batch's mean change, so that big turns do not drown out
+    walking and standing still (mean PSNR is a mean of log errors). Mean 1; a batch that never
+    moves gets equal weights."""
+    weight = 1 / (change + change.mean() + 1e-6)
+    return weight / weight.mean()
 
 
 def ema_momentum(step, cfg):
@@ -604,11 +604,9 @@ def learning_rate(step, cfg):
 
 
 def count_parameters(model):
-    """Trainable parameters per part (the target encoder is a copy, listed separately)."""
-    parts = ["encoder", "action_conditioner", "predictor", "decoder"]
-    counts = {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in parts}
-    counts["target_encoder (EMA copy)"] = sum(p.numel() for p in model.target_encoder.parameters())
-    return counts
+    """Parameters per part (the target encoder is a copy of the encoder, listed separately)."""
+    parts = ["encoder", "action_conditioner", "predictor", "decoder", "target_encoder"]
+    return {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in parts}
 
 
 # -----------------------------------------------------------------------------
@@ -642,19 +640,18 @@ class WindowSampler:
 
     def window_at(self, episode, start):
         """Frames (S, H, W, 3) uint8 and action windows (S - 1, K, A) of one window."""
-        frame_numbers = start + self.frame_skip * np.arange(self.horizon + 1)
-        frames = np.asarray(episode["frames"][frame_numbers])   # reads just these frames
+        frames = np.asarray(episode["frames"][start + self.frame_skip * np.arange(self.horizon + 1)])
         actions = np.stack([action_window(episode["actions"], start + (k + 1) * self.frame_skip, self.window)
                             for k in range(self.horizon)])
         return frames, actions
 
-    def sample_positions(self, batch_size, generator):
+    def sample_positions(self, batch_size, generator=None):
         """(episode, start frame) of batch_size uniformly random windows."""
         flat = torch.randint(self.total, (batch_size,), generator=generator)
         which = torch.searchsorted(self.first_start, flat, right=True) - 1
         return [(self.episodes[e], int(f - self.first_start[e])) for e, f in zip(which.tolist(), flat)]
 
-    def sample(self, batch_size, generator):
+    def sample(self, batch_size, generator=None):
         windows = [self.window_at(episode, start) for episode, start in self.sample_positions(batch_size, generator)]
         frames = torch.from_numpy(np.stack([w[0] for w in windows]))     # (B, S, H, W, 3)
         actions = torch.from_numpy(np.stack([w[1] for w in windows]))    # (B, S-1, K, A)
@@ -665,8 +662,7 @@ def open_dataset(cfg):
     """Load the dataset and check it fits this model. Returns (index, train episodes, val episodes)."""
     index, episodes = prepare_data.load_dataset(cfg.data)
     if index["action_columns"] != ACTION_COLUMNS:
-        raise ValueError(f"{cfg.data}: its action columns differ from this code's; "
-                         "re-run prepare_data.py to convert it again")
+        raise ValueError(f"{cfg.data}: its action columns differ from this code's; run prepare_data.py again")
     train_episodes = [e for e in episodes if e["split"] == "train"]
     val_episodes = [e for e in episodes if e["split"] == "val"]
     if not train_episodes or not val_episodes:
@@ -688,13 +684,9 @@ def fit(cfg):
     torch.manual_seed(cfg.seed)
     sampler, val_frames, val_actions, ckpt_path = prepare_run(cfg, say)
     model = WorldModel(cfg).to(device)     # the same seed in every process: the same initial weights
-    for part, n in count_parameters(model).items():
-        say(f"  {part}: {n / 1e6:.2f}M parameters")
-    if rank:
-        torch.manual_seed(cfg.seed + rank)                           # each process its own noise
+    say("parameters: " + ", ".join(f"{part} {n / 1e6:.2f}M" for part, n in count_parameters(model).items()))
     optimizer, scaler = make_optimizer(model, cfg, device.type, dtype)
-    generator = torch.Generator().manual_seed(cfg.seed + rank)       # each process its own windows
-    step = resume(ckpt_path, model, optimizer, scaler, generator, rank, world_size, say) if cfg.resume else 0
+    step = resume(ckpt_path, model, optimizer, scaler, say) if cfg.resume else 0
     if cfg.compile:
         compile_parts(model)
     trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
@@ -707,12 +699,15 @@ def fit(cfg):
                                            dynamic_ncols=True, disable=rank > 0) as bar:
         while step < cfg.steps and not stopping:
             started = time.perf_counter()
+            # Each step's random draws (its windows, its diffusion noise) come from a seed made of the
+            # run's seed, the process and the step: a resumed run draws what an unbroken one would
+            torch.manual_seed((cfg.seed * 1000 + rank) * 10_000_000 + step)
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             # Steps 1 and 2 (in WorldModel.forward): targets from the EMA encoder, predictions, loss
-            loss, world_loss = accumulate_gradients(trained, sampler, generator, scaler, autocast, device, cfg,
-                                                    world_size, decoder_by_t)
+            loss, world_loss = accumulate_gradients(trained, sampler, scaler, autocast, device, cfg, world_size,
+                                                    decoder_by_t)
             loss, world_loss, stops = sum_over_processes([loss, world_loss, len(requests)], world_size)
             loss, world_loss, stopping = loss / world_size, world_loss / world_size, stops > 0
             if not math.isfinite(loss):
@@ -740,8 +735,10 @@ def fit(cfg):
                 tqdm.write(format_eval(step, metrics))
             if log:
                 log.write(json.dumps(record) + "\n")
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
-                save_run(ckpt_path, model, optimizer, scaler, step, cfg, generator, rank, world_size, log)
+            if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps or stopping):
+                save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                            "scaler": scaler.state_dict(), "step": step, "config": dataclasses.asdict(cfg)})
+                log.flush()
     if world_size > 1:
         dist.destroy_process_group()
     say(f"{len(speeds)} steps: median {np.median(speeds):.1f} samples/s ({cfg.size}, {cfg.dtype})" if speeds
@@ -774,44 +771,34 @@ def sharpness(images):
 @torch.no_grad()
 def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_steps=10, chunk=64):
     """On fixed validation windows: val loss, pred/copy for h = 1..H, action sensitivity (error
-    with actions shuffled across windows / with the true ones) and target std. With
-    psnr_windows > 0 the decoder also draws the first psnr_windows windows' futures from the
-    predicted latents and from the target latents (reconstruction): PSNR against the true frames
-    per horizon, next to that of repeating the start frame, and the sharpness of the drawn
-    predictions relative to the true frames' (1 = as sharp as the truth)."""
+    with actions shuffled across windows / with the true ones) and target std. The decoder also
+    draws the first psnr_windows windows' futures from the predicted and from the target latents
+    (reconstruction): PSNR against the true frames per horizon, next to that of repeating the
+    start frame, and the sharpness of the drawn predictions relative to the true frames'."""
     was_training = model.training
     model.eval()
-    horizon = actions.shape[1]
-    predicted_error, copy_error, shuffled_error = torch.zeros(3, horizon)
-    target_std = []
-    sums = {key: torch.zeros(horizon) for key in
-            ("psnr_prediction", "psnr_reconstruction", "psnr_repeat_start", "sharp_prediction", "sharp_truth")}
-    generator = torch.Generator(device).manual_seed(0)          # the same noise every eval
+    errors, target_std, sums = torch.zeros(3, actions.shape[1]), [], {}    # predicted, copy, shuffled
+    generator = torch.Generator(device).manual_seed(0)                      # the same noise every eval
     for i in range(0, len(frames), chunk):
         f, a = frames[i:i + chunk].to(device), actions[i:i + chunk].to(device)
         with autocast:
             targets = model.encode_target(f).float()                        # (b, H+1, N, D)
             latent = model.encode(f[:, :1])[:, 0]                           # (b, N, D)
-            predicted = model.rollout(latent, a).float()                    # (b, H, N, D)
-            shuffled = model.rollout(latent, a.roll(1, dims=0)).float()     # another window's actions
-        future = targets[:, 1:]
-        predicted_error += jepa_loss(predicted, future).mean(-1).sum(0).cpu()
-        copy_error += jepa_loss(targets[:, :1], future).mean(-1).sum(0).cpu()   # "nothing changes"
-        shuffled_error += jepa_loss(shuffled, future).mean(-1).sum(0).cpu()
+            predicted = model.rollout(latent, a, targets[:, 0]).float()     # (b, H, N, D)
+            shuffled = model.rollout(latent, a.roll(1, dims=0), targets[:, 0]).float()   # another window's actions
+        for row, guess in enumerate([predicted, targets[:, :1], shuffled]):  # targets[:, :1]: "nothing changes"
+            errors[row] += jepa_loss(guess, targets[:, 1:]).mean(-1).sum(0).cpu()
         target_std.append(targets[:, 0].std(dim=0).mean().item())           # across the batch
-        drawn_here = min(max(psnr_windows - i, 0), len(f))                  # of this chunk's windows
-        if drawn_here:
-            for key, total in decoded_metrics(model, f[:drawn_here], targets[:drawn_here],
-                                              predicted[:drawn_here], autocast, euler_steps, generator).items():
-                sums[key] += total
-    n = len(frames)
-    metrics = {"val_loss": (predicted_error[:model.cfg.rollout].sum() / n / model.cfg.rollout).item(),
-               "pred_copy": (predicted_error / copy_error).tolist(),
-               "action_sensitivity": (shuffled_error.sum() / predicted_error.sum()).item(),
+        if i < psnr_windows:
+            n = psnr_windows - i
+            for key, total in decoded_metrics(model, f[:n], targets[:n], predicted[:n], autocast, euler_steps,
+                                              generator).items():
+                sums[key] = sums.get(key, 0) + total
+    metrics = {"val_loss": (errors[0, :model.cfg.rollout].sum() / len(frames) / model.cfg.rollout).item(),
+               "pred_copy": (errors[0] / errors[1]).tolist(), "action_sensitivity": (errors[2].sum() / errors[0].sum()).item(),
                "target_std": float(np.mean(target_std))}
-    if psnr_windows:
-        drawn = min(psnr_windows, n)
-        metrics.update({key: (sums[key] / drawn).tolist() for key in sums if key.startswith("psnr")})
+    if sums:
+        metrics.update({key: (sums[key] / min(psnr_windows, len(frames))).tolist() for key in sums if "psnr" in key})
         metrics["sharpness"] = (sums["sharp_prediction"] / sums["sharp_truth"]).tolist()
     model.train(was_training)
     return metrics
@@ -832,18 +819,18 @@ def decoded_metrics(model, frames, targets, predicted, autocast, euler_steps, ge
 
 
 def format_eval(step, metrics):
-    def row(values, digits):
-        return " ".join(f"{v:.{digits}f}" for v in values)
+    def row(key, digits):
+        return " ".join(f"{v:.{digits}f}" for v in metrics[key])
 
     text = (f"step {step}: val loss {metrics['val_loss']:.4f} | pred/copy h=1..{len(metrics['pred_copy'])}: "
-            f"{row(metrics['pred_copy'], 2)} | action sensitivity {metrics['action_sensitivity']:.2f} | "
+            f"{row('pred_copy', 2)} | action sensitivity {metrics['action_sensitivity']:.2f} | "
             f"target std {metrics['target_std']:.3f}")
     if "psnr_prediction" in metrics:
-        text += (f"\n  PSNR dB h=1..: prediction {row(metrics['psnr_prediction'], 1)} | repeat start "
-                 f"{row(metrics['psnr_repeat_start'], 1)} | reconstruction {row(metrics['psnr_reconstruction'], 1)}"
-                 f"\n  sharpness of the prediction / the truth h=1..: {row(metrics['sharpness'], 2)}")
+        text += (f"\n  PSNR dB h=1..: prediction {row('psnr_prediction', 1)} | repeat start {row('psnr_repeat_start', 1)}"
+                 f" | reconstruction {row('psnr_reconstruction', 1)}\n  sharpness (1 = as sharp as the truth) "
+                 f"h=1..: {row('sharpness', 2)}")
     if "decoder_loss_by_t" in metrics:
-        text += f"\n  decoder loss by t (0-.25-.5-.75-1): {row(metrics['decoder_loss_by_t'], 4)}"
+        text += f"\n  decoder loss by t (0-.25-.5-.75-1): {row('decoder_loss_by_t', 4)}"
     return text
 
 
@@ -858,20 +845,20 @@ class CheckpointError(Exception):
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: a crash or a full disk never touches the last good
     checkpoint, and a failed write leaves nothing behind."""
-    tmp = path + ".tmp"
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
     except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
-            os.remove(tmp)
+            os.remove(path + ".tmp")
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} could not be written ({reason}); its disk has {free:.0f} MB free. "
-                              "Free some space and continue with --resume: the last checkpoint is intact") from None
+        raise CheckpointError(f"{path} could not be written ({str(e).strip().splitlines()[0]}); its disk has "
+                              f"{free:.0f} MB free. Free some space and continue with --resume: the last checkpoint "
+                              "is intact") from None
 
 
 def load_checkpoint(path):
+    """The checkpoint's dict, or an error that says what is wrong with the file."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no checkpoint there (train one first with `python iwm.py`, "
                               "or give the path of the run's ckpt.pt)")
@@ -880,47 +867,38 @@ def load_checkpoint(path):
     except Exception as e:
         raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {e}); "
                               "it is truncated or not a checkpoint of this project") from None
-    missing = {"model", "config", "step"} - set(state) if isinstance(state, dict) else {"everything"}
-    if missing:
-        raise CheckpointError(f"{path} is not an iwm.py checkpoint (missing {sorted(missing)})")
+    if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
+        raise CheckpointError(f"{path} is not an iwm.py checkpoint (no model, config or step in it)")
     return state
 
 
 def saved_config(state, **overrides):
-    """The Config a checkpoint was trained with (fields this version no longer has are dropped)."""
+    """The Config a checkpoint was trained with, flags on top (fields this version lacks are dropped)."""
     known = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in {**state["config"], **overrides}.items() if k in known})
 
 
 def check_same_model(saved, cfg, path):
     """A checkpoint only loads into a model of the same shape: say which fields differ."""
-    differ = {k: (getattr(saved, k), getattr(cfg, k)) for k in MODEL_FIELDS if getattr(saved, k) != getattr(cfg, k)}
+    differ = [f"{k}: checkpoint {getattr(saved, k)} vs requested {getattr(cfg, k)}" for k in MODEL_FIELDS
+              if getattr(saved, k) != getattr(cfg, k)]
     if differ:
-        listing = ", ".join(f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in differ.items())
-        raise CheckpointError(f"{path} holds a different model ({listing}); drop those flags or "
-                              "use another --out_dir")
+        raise CheckpointError(f"{path} holds a different model ({', '.join(differ)}); drop those flags or use "
+                              "another --out_dir")
 
 
-def load_model_state(model, state, path, without_decoder=False):
-    """Load weights, or say which parameters are missing, unexpected or of another shape.
-    With without_decoder, the decoder's weights are neither loaded nor checked."""
-    def kept(weights):
-        return {k: v for k, v in weights.items() if not (without_decoder and k.startswith("decoder."))}
-
-    expected, saved = kept(model.state_dict()), kept(state["model"])
-    problems = [f"missing {k}" for k in expected if k not in saved]
-    problems += [f"unexpected {k}" for k in saved if k not in expected]
-    problems += [f"{k} is {tuple(saved[k].shape)} in the checkpoint, {tuple(v.shape)} here"
-                 for k, v in expected.items() if k in saved and saved[k].shape != v.shape]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CheckpointError(f"{path} does not fit this model: {'; '.join(problems[:3])}{more}. "
-                              "Was it written by another version of iwm.py?")
-    model.load_state_dict(saved, strict=not without_decoder)
+def load_model_state(model, state, path):
+    """Load weights, or say which parameters are missing, unexpected or of another shape."""
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first_problem = (str(e).splitlines()[1:] or [str(e)])[0].strip()
+        raise CheckpointError(f"{path} does not fit this model ({first_problem}); was it written by another "
+                              "version of iwm.py?") from None
 
 
 # -----------------------------------------------------------------------------
-# Training helpers: devices and precision, the data, the optimizer, processes, saving, resuming
+# Training helpers: hardware, the data and the run folder, the optimizer, processes, saving, resuming
 
 
 def choose_device(cfg, local_rank=0):
@@ -939,11 +917,9 @@ def choose_dtype(cfg, device_type):
     if cfg.dtype != "auto":
         return getattr(torch, cfg.dtype), "as set by --dtype or the checkpoint"
     if device_type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, "this GPU supports bf16"
-        return torch.float16, "this GPU lacks bf16; fp16 with a gradient scaler"
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    if any(getattr(torch.cpu, probe, lambda: False)() for probe in probes):
+        bf16 = torch.cuda.is_bf16_supported()
+        return (torch.bfloat16, "this GPU supports bf16") if bf16 else (torch.float16, "fp16 with a gradient scaler")
+    if any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")):
         return torch.bfloat16, "this CPU has bf16 matmul instructions"
     return torch.float32, "this CPU lacks bf16 matmul instructions"
 
@@ -970,7 +946,7 @@ BUILTIN_EPISODES = 64      # episodes of the built-in world built when the defau
 
 def prepare_run(cfg, say):
     """The data (the built-in world's, built first if the default folder is missing), the fixed
-    validation windows, and the output folder (a finished run is never overwritten)."""
+    validation windows, and the run folder (a finished run is never overwritten)."""
     if cfg.data == Config.data and not os.path.exists(os.path.join(cfg.data, "index.json")):
         say(f"{cfg.data} has no dataset yet: building the built-in world's first "
             f"(`python prepare_data.py --synthetic {BUILTIN_EPISODES}` does the same)")
@@ -979,20 +955,17 @@ def prepare_run(cfg, say):
         if dist.is_initialized():
             dist.barrier()                                  # the other processes wait for it
     index, train_episodes, val_episodes = open_dataset(cfg)
-    sampler = WindowSampler(train_episodes, cfg.rollout, cfg)
     val_frames, val_actions = WindowSampler(val_episodes, cfg.eval_horizon, cfg).sample(
         cfg.eval_windows, torch.Generator().manual_seed(1234))    # the same windows every time
-    say(f"data: {cfg.data}: {len(train_episodes)} train / {len(val_episodes)} val episodes, "
-        f"{index['resolution']}px" + (f" (resized to {cfg.image_size} on the device)"
-                                      if index["resolution"] != cfg.image_size else ""))
+    say(f"data: {cfg.data}: {len(train_episodes)} train / {len(val_episodes)} val episodes, {index['resolution']}px"
+        + (f" (resized to {cfg.image_size} on the device)" if index["resolution"] != cfg.image_size else ""))
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not cfg.resume and os.path.exists(ckpt_path):
-        raise CheckpointError(f"{ckpt_path} already holds a run: continue it with --resume, "
-                              "or choose another --out_dir")
+        raise CheckpointError(f"{ckpt_path} already holds a run: continue it with --resume, or choose another --out_dir")
     os.makedirs(cfg.out_dir, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.remove(ckpt_path + ".tmp")                       # left by a run killed while saving
-    return sampler, val_frames, val_actions, ckpt_path
+    return WindowSampler(train_episodes, cfg.rollout, cfg), val_frames, val_actions, ckpt_path
 
 
 def make_optimizer(model, cfg, device_type, dtype):
@@ -1001,23 +974,20 @@ def make_optimizer(model, cfg, device_type, dtype):
     only acts for float16."""
     groups = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:                         # the EMA target encoder
-            continue
-        decay = p.ndim >= 2 and "positions" not in name
-        scale = cfg.decoder_lr_scale if name.startswith("decoder.") else 1.0
-        group = groups.setdefault((decay, scale), {"params": [], "lr_scale": scale,
-                                                   "weight_decay": cfg.weight_decay if decay else 0.0})
-        group["params"].append(p)
+        if p.requires_grad:                             # not the EMA target encoder
+            decay, scale = p.ndim >= 2 and "positions" not in name, cfg.decoder_lr_scale if name.startswith("decoder.") else 1.0
+            groups.setdefault((decay, scale), {"params": [], "lr_scale": scale,
+                                               "weight_decay": cfg.weight_decay if decay else 0.0})["params"].append(p)
     optimizer = torch.optim.AdamW(list(groups.values()), lr=cfg.lr, betas=(0.9, 0.95), fused=device_type == "cuda")
     return optimizer, torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
 
 
-def accumulate_gradients(trained, sampler, generator, scaler, autocast, device, cfg, world_size, decoder_by_t):
+def accumulate_gradients(trained, sampler, scaler, autocast, device, cfg, world_size, decoder_by_t):
     """Forward and backward over grad_accum micro-batches of fresh windows. Returns the mean loss
     and world-model loss; adds the decoder's losses to their bins of diffusion time."""
     loss = world_loss = 0.0
     for micro in range(cfg.grad_accum):
-        frames, actions = sampler.sample(cfg.batch_size, generator)
+        frames, actions = sampler.sample(cfg.batch_size)
         last = micro == cfg.grad_accum - 1              # DDP averages the gradients on the last one only
         with trained.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
             with autocast:
@@ -1040,8 +1010,8 @@ def compile_parts(model):
 def start_processes():
     """Under torchrun (RANK, LOCAL_RANK and WORLD_SIZE set) join the process group: NCCL on GPUs,
     gloo on CPUs. Returns (rank, local rank, number of processes); a plain run is rank 0 of 1."""
-    rank, local_rank, world_size = (int(os.environ.get(key, default)) for key, default in
-                                    (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    rank, local_rank, world_size = (int(os.environ.get(key, 1 if key == "WORLD_SIZE" else 0))
+                                    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if world_size > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
@@ -1059,35 +1029,12 @@ def sum_over_processes(values, world_size):
     return total.tolist()
 
 
-def save_run(path, model, optimizer, scaler, step, cfg, generator, rank, world_size, log):
-    """Every process hands rank 0 its random state; rank 0 writes the checkpoint and flushes the log."""
-    state = {"torch": torch.get_rng_state(), "sampler": generator.get_state(),
-             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    states = [state]
-    if world_size > 1:
-        states = [None] * world_size
-        dist.all_gather_object(states, state)
-    if rank == 0:
-        save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scaler": scaler.state_dict(), "step": step, "rng": states,
-                               "config": dataclasses.asdict(cfg)})
-        log.flush()
-
-
-def resume(path, model, optimizer, scaler, generator, rank, world_size, say):
-    """Load the weights, EMA target, optimizer and random states of a run. Returns its step."""
+def resume(path, model, optimizer, scaler, say):
+    """Load the weights, EMA target and optimizer state of a run. Returns its step."""
     state = load_checkpoint(path)
     load_model_state(model, state, path)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    if len(state["rng"]) == world_size:
-        torch.set_rng_state(state["rng"][rank]["torch"])
-        generator.set_state(state["rng"][rank]["sampler"])
-        if state["rng"][rank]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"][rank]["cuda"])
-    else:
-        say(f"note: {path} was saved by {len(state['rng'])} processes, not {world_size}: the random streams "
-            "start afresh (training continues, but not bit for bit as an unbroken run would)")
     say(f"resumed from {path} at step {state['step']}")
     return state["step"]
 
@@ -1098,12 +1045,11 @@ def open_log(cfg, step):
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     path, kept = os.path.join(cfg.out_dir, "log.jsonl"), []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):   # a line cut short by a kill
-                    if json.loads(line)["step"] <= step:
-                        kept.append(line.rstrip("\n") + "\n")
+    with open(path, "a+") as f:
+        f.seek(0)
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):   # a line cut short by a kill
+                kept += [line.rstrip("\n") + "\n"] if json.loads(line)["step"] <= step else []
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
@@ -1162,8 +1108,7 @@ def benchmark(cfg):
           f"random data; grad_ckpt {cfg.grad_ckpt}, compile {cfg.compile}")
     torch.manual_seed(cfg.seed)
     model = WorldModel(cfg).to(device).train()
-    for part, n in count_parameters(model).items():
-        print(f"  {part}: {n / 1e6:.2f}M parameters")
+    print("parameters: " + ", ".join(f"{part} {n / 1e6:.2f}M" for part, n in count_parameters(model).items()))
     optimizer, scaler = make_optimizer(model, cfg, device.type, dtype)
     autocast = autocast_to(device.type, dtype)
     frames = torch.randint(0, 256, (cfg.batch_size, cfg.rollout + 1, cfg.image_size, cfg.image_size, 3),

@@ -1,18 +1,17 @@
 """
-prepare_data.py: turn Minecraft-style video into a training-ready dataset for iwm.py.
-
-Three sources, one converter (so the built-in world is read exactly like real data):
+prepare_data.py: Minecraft-style video -> a training-ready dataset for iwm.py. Three sources, one
+converter (so the built-in world is read exactly like real data):
 
     python prepare_data.py --synthetic 64                # built-in world: render, record, convert
     python prepare_data.py --vpt DIR                     # folder of real VPT <stem>.mp4 + <stem>.jsonl
     python prepare_data.py --download all_6xx_Jun_29.json --n 10   # fetch VPT episodes, then convert
 
-Every mode takes --out DIR and --res R (64, 128 or 224). docs/data.md describes the VPT
-recordings, whose rules the converter follows, and the dataset folder it writes. Sections:
-action conversion -> reading episodes -> the dataset -> the built-in world -> the scripted
-player -> downloading -> main.
+Every mode takes --out DIR and --res R (64, 128 or 224). docs/data.md describes the recordings
+and the dataset folder. Sections: action conversion -> reading episodes -> the dataset -> the
+built-in world -> the scripted player -> downloading -> main.
 """
 import argparse
+import glob
 import hashlib
 import ipaddress
 import json
@@ -64,11 +63,10 @@ class DatasetError(ValueError):
 
 
 def checked(container, key, kind):
-    """container[key] if it is of this kind (list, dict or number); a missing or null value is
-    None (no input); any other value raises EpisodeError."""
+    """container[key] if it is None (missing or null: no input) or of this kind (list, dict, or
+    float for any number); else EpisodeError."""
     value = container.get(key)
-    number = kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)
-    if value is None or number or (kind is not float and isinstance(value, kind)):
+    if value is None or isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool):
         return value
     raise EpisodeError(f"{key} is {value!r}, expected {'a number' if kind is float else kind.__name__}")
 
@@ -191,8 +189,7 @@ def split_of(stem, val_fraction):
     alias and session id (<alias>-<12 hex id>-<date>-<time>), so they land on the same side."""
     parts = stem.rsplit("-", 2)
     session = parts[0] if len(parts) == 3 else stem
-    h = int.from_bytes(hashlib.sha1(session.encode()).digest()[:8], "big") / 2 ** 64
-    return "val" if h < val_fraction else "train"
+    return "val" if int.from_bytes(hashlib.sha1(session.encode()).digest()[:8], "big") / 2 ** 64 < val_fraction else "train"
 
 
 def convert_episode(video_path, jsonl_path, out_dir, res):
@@ -211,12 +208,10 @@ def convert_episode(video_path, jsonl_path, out_dir, res):
         raise EpisodeError(f"{jsonl_path}: {e}") from None
     frames = read_frames(video_path, lines, res)
     tmp = os.path.join(out_dir, "episodes", f".tmp-{stem}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    np.save(os.path.join(tmp, "frames.npy"), frames)
-    np.save(os.path.join(tmp, "actions.npy"), actions)
-    if state is not None:
-        np.save(os.path.join(tmp, "state.npy"), state)
+    for name, array in (("frames", frames), ("actions", actions), ("state", state)):
+        if array is not None:
+            np.save(os.path.join(tmp, f"{name}.npy"), array)
     meta = {"name": stem, "frames": len(frames), "has_state": state is not None,
             "null_actions": int((actions[:, :-1] == 0).all(axis=1).sum())}
     with open(os.path.join(tmp, "meta.json"), "w") as f:   # meta.json last: it marks "done"
@@ -238,8 +233,7 @@ def _convert_job(job):
 
 def find_episodes(raw_dir):
     """Pairs (mp4, jsonl) in a folder; a file without its partner is reported, not converted."""
-    names = set(os.listdir(raw_dir))
-    pairs, problems = [], []
+    names, pairs, problems = set(os.listdir(raw_dir)), [], []
     for name in sorted(names):
         stem, ext = os.path.splitext(name)
         partner = stem + {".mp4": ".jsonl", ".jsonl": ".mp4"}.get(ext, "")
@@ -252,71 +246,57 @@ def find_episodes(raw_dir):
 
 def start_dataset(out_dir, res):
     """Create the folders, refuse a folder of another resolution, and remove what killed runs
-    left behind (half-written episode folders, half-written built-in recordings)."""
+    left behind (half-written episode folders and built-in recordings)."""
     os.makedirs(os.path.join(out_dir, "episodes"), exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, "index.json")):
-        old = read_index_file(out_dir)["resolution"]
-        if old != res:
-            raise DatasetError(f"{out_dir} already holds a {old}x{old} dataset; use another --out for --res {res}")
-    for folder in (os.path.join(out_dir, "episodes"), os.path.join(out_dir, "raw")):
-        for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            if name.startswith(".tmp-") or name.endswith(".tmp") or name.endswith(".tmp.mp4"):
-                path = os.path.join(folder, name)
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                else:
-                    os.remove(path)
+    if os.path.exists(os.path.join(out_dir, "index.json")) and (old := read_index(out_dir)["resolution"]) != res:
+        raise DatasetError(f"{out_dir} already holds a {old}x{old} dataset; use another --out for --res {res}")
+    for path in glob.glob(os.path.join(out_dir, "episodes", ".tmp-*")) + glob.glob(os.path.join(out_dir, "raw", "*.tmp*")):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
 
 
 def convert_folder(raw_dir, out_dir, res, source, workers=2, val_fraction=0.1):
     """Convert every episode pair in raw_dir (one episode per process), then write the index."""
     pairs, problems = find_episodes(raw_dir)
     start_dataset(out_dir, res)
-    jobs = [(video, jsonl, out_dir, res) for video, jsonl in pairs]
     converted = 0
     with Pool(workers) as pool:
-        for meta, problem in tqdm(pool.imap_unordered(_convert_job, jobs), total=len(jobs),
-                                  desc="convert", unit="episode"):
+        jobs = [(video, jsonl, out_dir, res) for video, jsonl in pairs]
+        for meta, problem in tqdm(pool.imap_unordered(_convert_job, jobs), total=len(jobs), desc="convert", unit="episode"):
             if problem:
                 problems.append(problem)
                 tqdm.write(f"skipped: {problem}")
             converted += meta is not None
     write_index(out_dir, res, source, val_fraction)
-    print(f"converted {converted} episodes, skipped {len(problems)}")
-    for problem in problems:
-        print(f"  skipped: {problem}")
+    print(f"converted {converted} episodes, skipped {len(problems)}" + "".join(f"\n  skipped: {p}" for p in problems))
     return converted, problems
 
 
 def write_index(out_dir, res, source, val_fraction):
     """Rebuild index.json from the finished episodes (written atomically)."""
-    episodes_dir = os.path.join(out_dir, "episodes")
+    metas = sorted(glob.glob(os.path.join(out_dir, "episodes", "*", "meta.json")))
     episodes = []
-    for stem in sorted(os.listdir(episodes_dir)):
-        meta_path = os.path.join(episodes_dir, stem, "meta.json")
-        if not stem.startswith(".") and os.path.exists(meta_path):
-            with open(meta_path) as f:
-                episodes.append({**json.load(f), "split": split_of(stem, val_fraction)})
+    for meta in metas:
+        with open(meta) as f:
+            episodes.append({**json.load(f), "split": split_of(os.path.basename(os.path.dirname(meta)), val_fraction)})
     # A tiny dataset may hash no session to val: then the lowest-hash session goes there,
     # still deterministic and still by episode.
     if len(episodes) > 1 and all(e["split"] == "train" for e in episodes):
         min(episodes, key=lambda e: hashlib.sha1(e["name"].encode()).hexdigest())["split"] = "val"
-    index = {"format": 1, "source": source, "fps": FPS, "resolution": res,
-             "action_columns": ACTION_COLUMNS, "state_columns": STATE_COLUMNS,
-             "val_fraction": val_fraction, "episodes": episodes}
-    tmp = os.path.join(out_dir, "index.json.tmp")
-    with open(tmp, "w") as f:
+    index = {"format": 1, "source": source, "fps": FPS, "resolution": res, "action_columns": ACTION_COLUMNS,
+             "state_columns": STATE_COLUMNS, "val_fraction": val_fraction, "episodes": episodes}
+    with open(os.path.join(out_dir, "index.json.tmp"), "w") as f:
         json.dump(index, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "index.json"))
+    os.replace(os.path.join(out_dir, "index.json.tmp"), os.path.join(out_dir, "index.json"))
 
 
-def read_index_file(data_dir):
+def read_index(data_dir):
     """A dataset folder's index.json, checked enough that a broken one is named as such."""
-    path = os.path.join(data_dir, "index.json")
+    path, rebuild = os.path.join(data_dir, "index.json"), f"rebuild it: run prepare_data.py again with --out {data_dir}"
     if not os.path.exists(path):
-        raise DatasetError(f"{path} not found: prepare a dataset first, e.g. "
-                           "`python prepare_data.py --synthetic 64`")
-    rebuild = f"rebuild it by running prepare_data.py again with --out {data_dir}"
+        raise DatasetError(f"{path} not found: prepare a dataset first, e.g. `python prepare_data.py --synthetic 64`")
     try:
         with open(path) as f:
             index = json.load(f)
@@ -329,20 +309,18 @@ def read_index_file(data_dir):
 
 def load_episode(data_dir, meta, res):
     """One episode's arrays, memory-mapped (nothing is read into RAM until it is indexed)."""
-    folder = os.path.join(data_dir, "episodes", str(meta.get("name")))
-    episode = dict(meta)
+    if not isinstance(meta, dict) or "name" not in meta:
+        raise EpisodeError(f"{os.path.join(data_dir, 'index.json')}: an episode entry without a name")
+    folder, episode = os.path.join(data_dir, "episodes", str(meta["name"])), dict(meta)
     for name in ("frames", "actions") + (("state",) if meta.get("has_state") else ()):
-        path = os.path.join(folder, f"{name}.npy")
         try:
-            episode[name] = np.load(path, mmap_mode="r")
+            episode[name] = np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r")
         except (OSError, ValueError, EOFError) as e:
-            raise EpisodeError(f"{path} cannot be read ({type(e).__name__}: {e}); the file is missing, "
+            raise EpisodeError(f"{os.path.join(folder, name)}.npy cannot be read ({type(e).__name__}: {e}); missing, "
                                f"truncated or corrupt: delete {folder} and run prepare_data.py again") from None
     frames, actions = episode["frames"], episode["actions"]
-    shapes_fit = (frames.dtype == np.uint8 and frames.shape[1:] == (res, res, 3)
-                  and actions.shape == (len(frames), len(ACTION_COLUMNS))
-                  and len(episode.get("state", frames)) == len(frames))
-    if not shapes_fit:
+    if (frames.dtype != np.uint8 or frames.shape[1:] != (res, res, 3) or actions.shape != (len(frames), len(ACTION_COLUMNS))
+            or len(episode.get("state", frames)) != len(frames)):
         raise EpisodeError(f"{folder}: arrays of unexpected shapes (frames {frames.shape} {frames.dtype}, "
                            f"actions {actions.shape}); delete the folder and run prepare_data.py again")
     return episode
@@ -351,12 +329,9 @@ def load_episode(data_dir, meta, res):
 def load_dataset(data_dir):
     """Open a prepared dataset: (index, list of per-episode dicts of memory-mapped arrays).
     An episode that cannot be read is reported and left out; the others load."""
-    index = read_index_file(data_dir)
-    episodes = []
+    index, episodes = read_index(data_dir), []
     for meta in index["episodes"]:
         try:
-            if not isinstance(meta, dict) or "name" not in meta:
-                raise EpisodeError(f"{os.path.join(data_dir, 'index.json')}: an episode entry without a name")
             episodes.append(load_episode(data_dir, meta, index["resolution"]))
         except EpisodeError as e:
             print(f"skipped episode: {e}")
@@ -848,7 +823,7 @@ def check_url(url):
     return url
 
 
-def read_index(index, timeout=TIMEOUT):
+def read_vpt_index(index, timeout=TIMEOUT):
     """An index is a local file, a URL, or the name of one of OpenAI's VPT indexes."""
     local = os.path.exists(index)
     source = index if local or "://" in index else VPT_INDEX_URL + index
@@ -914,7 +889,7 @@ def download_episodes(index, n, raw_dir, timeout=TIMEOUT):
     """Download the first n complete episodes of an index into raw_dir. Files missing on the
     server are skipped, as some listed files are; FAILURES_TO_GIVE_UP failed episodes in a row
     stop it with an error. Returns the number downloaded."""
-    basedir, relpaths = read_index(index, timeout)
+    basedir, relpaths = read_vpt_index(index, timeout)
     os.makedirs(raw_dir, exist_ok=True)
     done, failed_in_a_row = 0, 0
     with tqdm(total=n, desc="download", unit="episode") as bar:

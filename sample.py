@@ -143,7 +143,7 @@ def run_rollouts(model, cfg, episodes, args, out):
         truth = to_pixels(iwm.normalize_frames(frames[0], cfg.image_size))
         panels, labels, rows = [truth], ["true future"], [recorded_rows]
         with torch.no_grad():
-            start_latent = model.encode(frames[:, :1])[:, 0]
+            start_latent, start_target = model.encode(frames[:, :1])[:, 0], model.encode_target(frames[:, :1])[:, 0]
             runs = [("predicted", recorded, recorded_rows)]
             for script in scripts:
                 script_rows = np.stack([SCRIPTS[script](i, len(recorded_rows)) for i in range(len(recorded_rows))])
@@ -153,7 +153,7 @@ def run_rollouts(model, cfg, episodes, args, out):
                 runs.append(("reconstruction", None, recorded_rows))
             for label, window_actions, script_rows in runs:
                 latents = model.encode_target(frames)[0, 1:] if window_actions is None else \
-                    model.rollout(start_latent, window_actions)[0]
+                    model.rollout(start_latent, window_actions, start_target)[0]
                 panels.append(np.concatenate([truth[:1], to_pixels(model.decoder.draw(latents, args.euler_steps, noise))]))
                 labels.append(label)
                 rows.append(script_rows)
@@ -262,7 +262,7 @@ def surprise(model, frames, actions):
     """Per model step of an episode, frames (T+1, H, W, 3) and actions (T, K, A): the per-token
     MSE between the prediction from frame t and the target latent of frame t+1 -> (T,)."""
     latents, targets = model.encode(frames[None])[0], model.encode_target(frames[None])[0]
-    return iwm.jepa_loss(model.predict_next(latents[:-1], actions), targets[1:]).mean(dim=-1)
+    return iwm.jepa_loss(model.predict_next(latents[:-1], actions, targets[:-1]), targets[1:]).mean(dim=-1)
 
 
 def run_surprise(model, cfg, args, steps=40, teleport_step=20):
@@ -330,22 +330,24 @@ def controls_to_rows(controls, frame_skip):
 
 
 @torch.no_grad()
-def imagine(model, latent, history, rows):
-    """Roll out planned per-frame action rows (P, T * frame_skip, A) from one latent (N, D), given
-    the K recorded rows before it, history (K, A). Returns latents (P, T, N, D)."""
+def imagine(model, start, history, rows):
+    """Roll out planned per-frame action rows (P, T * frame_skip, A) from one frame's latents,
+    start = (encoded, target) (N, D) each, given the K recorded rows before it, history (K, A).
+    Returns latents (P, T, N, D)."""
     K, skip = history.shape[0], model.cfg.frame_skip
     rows = torch.cat([history.expand(len(rows), -1, -1), rows.to(history.device)], dim=1)
     # model step k's window: the K rows before frame (k + 1) * skip, as action_window gives in training
     windows = torch.stack([rows[:, (k + 1) * skip:(k + 1) * skip + K] for k in range((rows.shape[1] - K) // skip)], dim=1)
-    return model.rollout(latent.expand(len(rows), -1, -1), windows.to(latent.device))
+    latent, target = (z.expand(len(rows), -1, -1) for z in start)
+    return model.rollout(latent, windows.to(latent.device), target)
 
 
-def plan(model, latent, goal, history, horizon, init=None, generator=None, iterations=4):
+def plan(model, start, goal, history, horizon, init=None, generator=None, iterations=4):
     """Controls (horizon, 3) whose imagined last latent is closest to the goal latent (N, D).
     init: a previous plan to start from (model-predictive control shifts and reuses it).
     Time-correlated samples (correlation 0.9) find steady turns (docs/planning.md)."""
     def cost(controls):
-        final = imagine(model, latent, history, controls_to_rows(controls, model.cfg.frame_skip))[:, -1]
+        final = imagine(model, start, history, controls_to_rows(controls, model.cfg.frame_skip))[:, -1]
         return iwm.jepa_loss(final, goal.expand_as(final)).mean(dim=-1).float().cpu()
 
     mean = (PLAN_LOW + PLAN_HIGH).expand(horizon, -1) / 2 if init is None else init
@@ -394,12 +396,13 @@ def run_episode(model, world, goal_latent, cfg, policy, generator, iterations):
             controls = PLAN_LOW + (PLAN_HIGH - PLAN_LOW) * torch.rand(horizon, len(PLAN_CONTROLS), generator=generator)
         else:
             with torch.no_grad(), iwm.autocast_to(device.type, iwm.choose_dtype(cfg, device.type)[0]):
-                latent = model.encode(torch.from_numpy(seen[-1])[None, None].to(device))[0, 0]
+                frame = torch.from_numpy(seen[-1])[None, None].to(device)
+                start = (model.encode(frame)[0, 0], model.encode_target(frame)[0, 0])
                 started = time.perf_counter()
-                controls, _ = plan(model, latent, goal_latent, history, horizon, None if controls is None else controls[1:],
+                controls, _ = plan(model, start, goal_latent, history, horizon, None if controls is None else controls[1:],
                                    generator, iterations)
                 seconds.append(time.perf_counter() - started)
-                imagined.append(imagine(model, latent, history, controls_to_rows(controls[None, :1], cfg.frame_skip))[0, 0].float())
+                imagined.append(imagine(model, start, history, controls_to_rows(controls[None, :1], cfg.frame_skip))[0, 0].float())
         rows = controls_to_rows(controls[:1], cfg.frame_skip)
         for row in rows.numpy():
             world.step(prepare_data.input_from_action(row))

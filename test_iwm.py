@@ -335,7 +335,7 @@ def test_download_refuses_unsafe_relpaths_and_plain_http_to_other_hosts(tmp_path
         index = tmp_path / "index.json"
         index.write_text(json.dumps({"basedir": "https://example.org/", "relpaths": [bad]}))
         with pytest.raises(pd.DownloadError, match="unsafe"):
-            pd.read_index(str(index))
+            pd.read_vpt_index(str(index))
     with pytest.raises(pd.DownloadError, match="only https"):
         pd.download_file("http://example.org/a.mp4", str(tmp_path / "a.mp4"))
 
@@ -458,6 +458,35 @@ def test_camera_scaling_keeps_small_and_large_moves_order_one():
     assert (scaled[:, pd.COLUMN["forward"]] == 1).all()
 
 
+def test_the_untrained_predictor_says_nothing_changes_from_the_start_frames_target_latent():
+    torch.manual_seed(0)
+    model = iwm.WorldModel(small_config())
+    latent, target = torch.randn(2, 3, 16, 32)
+    rollout = model.rollout(latent, torch.randn(3, 4, 25, A), target)
+    for step in range(4):                                           # every step: the copy baseline
+        torch.testing.assert_close(rollout[:, step], target)
+
+
+def test_window_weights_let_small_changes_count_and_survive_a_batch_that_never_moves():
+    change = torch.tensor([0.0, 0.01, 0.1, 1.0])                    # standing, walking, turning, a flick
+    weights = iwm.window_weights(change)
+    assert torch.all(weights[:-1] > weights[1:]) and weights.mean() == pytest.approx(1.0)
+    assert weights[0] / weights[-1] < 10                           # bounded: standing is not infinitely heavy
+    torch.testing.assert_close(iwm.window_weights(torch.zeros(4)), torch.ones(4))
+
+
+def test_sharpness_falls_with_blur_and_rises_with_a_patch_mosaic():
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 68, 68, generator=g) * 2 - 1, 5, stride=1)  # (1, 3, 64, 64)
+    detail = smooth + 0.3 * torch.randn(1, 3, 64, 64, generator=g)
+    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(detail, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    mosaic = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g) * 2 - 1, scale_factor=8, mode="nearest")
+    assert iwm.sharpness(blurred) < 0.5 * iwm.sharpness(detail)
+    assert iwm.sharpness(mosaic + smooth) > 1.2 * iwm.sharpness(smooth)
+    torch.testing.assert_close(iwm.sharpness(torch.stack([detail, blurred]))[:, 0],     # one value per image
+                               torch.cat([iwm.sharpness(detail), iwm.sharpness(blurred)]))
+
+
 def test_a_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     cfg = small_config(width=64, heads=4)
@@ -482,15 +511,15 @@ def builtin_dataset(builtin_raw, tmp_path_factory):
     return str(out)
 
 
-def sample_then_ctrl_c_in_step(step):
-    """A WindowSampler.sample that sends this process Ctrl-C (SIGINT) while sampling the batch of
-    training step `step` (its first call samples the validation windows)."""
+def sample_then_ctrl_c_in_step(step, signum=signal.SIGINT):
+    """A WindowSampler.sample that sends this process Ctrl-C (SIGINT, or another signal) while
+    sampling the batch of training step `step` (its first call samples the validation windows)."""
     original, calls = iwm.WindowSampler.sample, []
 
     def sample(self, *args):
         calls.append(1)
         if len(calls) == step + 1:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return original(self, *args)
 
     return sample
@@ -700,12 +729,12 @@ def test_planner_rows_and_imagined_rollout_use_the_training_action_windows():
     assert rows[:cfg.frame_skip, c["camera_yaw"]].eq(2.0).all() and rows[:cfg.frame_skip, c["forward"]].eq(1).all()
     assert rows[cfg.frame_skip:, c["camera_pitch"]].eq(0.5).all() and rows[cfg.frame_skip:, c["forward"]].eq(0).all()
     history = torch.randn(cfg.action_window, len(pd.ACTION_COLUMNS))
-    latent = torch.randn(model.encoder.positions.shape[0], cfg.width)
-    imagined = sample.imagine(model, latent, history, rows[None])
+    latent, target = torch.randn(2, model.encoder.positions.shape[0], cfg.width)
+    imagined = sample.imagine(model, (latent, target), history, rows[None])
     episode_rows = np.concatenate([history.numpy(), rows.numpy()])             # the start frame is row K
     windows = np.stack([iwm.action_window(episode_rows, cfg.action_window + (k + 1) * cfg.frame_skip,
                                           cfg.action_window) for k in range(2)])
-    expected = model.rollout(latent[None], torch.from_numpy(windows)[None])
+    expected = model.rollout(latent[None], torch.from_numpy(windows)[None], target[None])
     assert torch.allclose(imagined, expected, atol=1e-6)
 
 
@@ -726,6 +755,8 @@ def test_sample_py_plan_probe_and_surprise_write_their_results(builtin_dataset, 
     for kind in ("turning", "walking"):
         assert set(results[kind]) == {"plan", "random"} and all(0 <= v <= 1 for v in results[kind].values())
     assert 0 < results["seconds_per_plan"]["mean"] <= results["seconds_per_plan"]["max"]
+    cost = results["cost_per_imagined_step"]              # drawing and re-reading pixels costs far more
+    assert cost["pixels"]["flops"] > 2 * cost["latent"]["flops"] and cost["pixels"]["ms"] > cost["latent"]["ms"]
     ok, gif = cv2.imreadanimation(str(tmp_path / "s" / "plan_walking_0.gif"))
     assert ok and len(gif.frames) == sample.GOAL_STEPS + sample.EXTRA_STEPS + 1
     assert gif.frames[0].shape[1] == 3 * 32 + 2 * 2                        # goal | sees | imagined
@@ -827,7 +858,6 @@ def test_torchrun_two_cpu_processes_keep_equal_weights_and_ema_and_resume_exactl
     for key in state["model"]:          # both processes end with the saved weights, EMA target included
         assert torch.equal(ranks[0][key], state["model"][key]) and torch.equal(ranks[1][key], state["model"][key]), key
     assert not torch.equal(state["model"]["target_encoder.blocks.0.mlp.0.weight"], state["model"]["encoder.blocks.0.mlp.0.weight"])
-    assert not torch.equal(state["rng"][0]["sampler"], state["rng"][1]["sampler"])   # each its own windows
     steps = [json.loads(line)["step"] for line in open(tmp_path / "straight" / "log.jsonl")]
     assert steps == [1, 2, 3, 4]                                    # logged once, by rank 0
     # The same run, but rank 1 alone gets Ctrl-C in step 2: both ranks stop after step 2 and save;
@@ -841,3 +871,204 @@ def test_torchrun_two_cpu_processes_keep_equal_weights_and_ema_and_resume_exactl
     assert resumed["step"] == 4
     for key in state["model"]:
         assert torch.equal(resumed["model"][key], state["model"][key]), key
+
+
+# -----------------------------------------------------------------------------
+# Bad input and faults: one clear line, a non-zero exit, nothing lost
+
+
+def run_script(script, *flags, timeout=120):
+    """A project script as a user runs it: (exit code, stdout + stderr)."""
+    result = subprocess.run([sys.executable, script, *map(str, flags)], capture_output=True, text=True,
+                            timeout=timeout, cwd=os.path.dirname(os.path.abspath(__file__)))
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_auto_precision_comes_from_the_cpus_instructions_not_a_timing_and_resume_keeps_it(
+        builtin_dataset, tmp_path, monkeypatch):
+    clock = iter(np.cumsum(np.random.default_rng(0).uniform(0, 5, 10_000)))
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))          # a wildly busy machine
+    for has_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert [iwm.choose_dtype(iwm.Config(), "cpu")[0] for _ in range(5)] == [expected] * 5
+    iwm.fit(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=2, dtype="auto"))
+    assert json.load(open(tmp_path / "config.json"))["dtype"] == "float32"       # the choice is recorded
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)   # ... and kept on resume
+    assert iwm.parse_config(["--out_dir", str(tmp_path), "--resume", "--steps", "4"]).dtype == "float32"
+
+
+def test_resume_refuses_a_size_that_contradicts_the_checkpoint(builtin_dataset, tmp_path):
+    iwm.fit(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=2, size="small"))
+    with pytest.raises(iwm.CheckpointError, match="--size tiny: .* holds a small model"):
+        iwm.parse_config(["--out_dir", str(tmp_path), "--resume", "--size", "tiny"])
+    code, out = run_script("iwm.py", "--out_dir", tmp_path, "--resume", "--size", "tiny")
+    assert code == 1 and "holds a small model" in out and "Traceback" not in out
+
+
+def test_sigterm_saves_and_stops_like_ctrl_c(builtin_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(iwm.WindowSampler, "sample", sample_then_ctrl_c_in_step(3, signal.SIGTERM))
+    with pytest.raises(SystemExit) as stopped:
+        iwm.fit(small_config(data=builtin_dataset, out_dir=str(tmp_path)))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1, 2, 3]
+
+
+def test_a_resumed_log_holds_each_step_once_after_a_kill(builtin_dataset, tmp_path):
+    iwm.fit(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=3))
+    with open(tmp_path / "log.jsonl", "a") as f:     # what a kill -9 after step 5 leaves: steps past
+        f.write('{"step": 4}\n{"step": 5}\n{"st')   # the checkpoint (3) and a line cut short
+    iwm.fit(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=6, resume=True))
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_fresh_run_never_overwrites_a_finished_one(builtin_dataset, tmp_path):
+    iwm.fit(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=2))
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(iwm.CheckpointError, match="already holds a run: continue it with --resume"):
+        iwm.fit(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=2))
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_a_full_disk_while_saving_names_the_disk_and_keeps_the_last_checkpoint(builtin_dataset, tmp_path, monkeypatch):
+    iwm.fit(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=3))
+    good = (tmp_path / "ckpt.pt").read_bytes()
+
+    def full_disk(state, path):
+        open(path, "wb").write(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1216 vs 1108")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(iwm.CheckpointError, match="ckpt.pt could not be written .* MB free.*last checkpoint is intact"):
+        iwm.fit(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=6, resume=True))
+    assert (tmp_path / "ckpt.pt").read_bytes() == good and not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--frame_skip", "0"], "--frame_skip 0: must be at least 1"),
+    (["--action_window", "-2"], "--action_window -2: must be at least 1"),
+    (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--eval_every", "0"], "--eval_every 0: must be at least 1"),
+    (["--ckpt_every", "-1"], "--ckpt_every -1: must be at least 1"),
+    (["--eval_horizon", "0"], "--eval_horizon 0: must be at least 1"),
+    (["--rollout", "0"], "--rollout 0: must be at least 1"),
+    (["--lr", "-0.1"], "--lr -0.1: must be above 0"),
+    (["--ema_start", "1.5"], "--ema_start 1.5: must be between 0 and 1"),
+    (["--eval_psnr_windows", "-1"], "--eval_psnr_windows -1: must be 0 or more"),
+    (["--width", "130"], "--width 130: must be divisible by 4 and by --heads 4"),
+    (["--dtype", "float64"], "--dtype float64: choose one of"),
+    (["--device", "cuda:99"], "--device cuda:99: this machine has"),
+    (["--device", "tpu"], "--device tpu: choose auto, cpu, cuda or cuda:N"),
+    (["--size", "huge"], "--size huge: choose one of"),
+])
+def test_iwm_refuses_settings_that_make_no_sense_before_any_work(flags, words, tmp_path):
+    code, out = run_script("iwm.py", "--size", "tiny", "--data", tmp_path / "none", "--out_dir", tmp_path, *flags)
+    assert code == 1 and words in out and "Traceback" not in out, out
+    assert not os.listdir(tmp_path)                                          # nothing was started
+
+
+@pytest.mark.parametrize("script, flags, words", [
+    ("prepare_data.py", ["--synthetic", "0"], "--synthetic: must be at least 1"),
+    ("prepare_data.py", ["--synthetic", "2", "--frames", "0"], "--frames: must be at least 10"),
+    ("prepare_data.py", ["--synthetic", "2", "--workers", "0"], "--workers: must be at least 1"),
+    ("prepare_data.py", ["--synthetic", "2", "--val_fraction", "1.5"], "--val_fraction: must lie strictly between 0 and 1"),
+    ("prepare_data.py", ["--download", "x.json", "--n", "-1"], "--n: must be at least 1"),
+    ("prepare_data.py", ["--download", "x.json", "--timeout", "0"], "--timeout: must be at least 0.1"),
+    ("sample.py", ["--horizon", "0"], "--horizon: must be at least 1"),
+    ("sample.py", ["--trials", "-5"], "--trials: must be at least 1"),
+    ("sample.py", ["--windows", "0"], "--windows: must be at least 1"),
+    ("sample.py", ["--device", "cuda:99"], "--device cuda:99: this machine has"),
+])
+def test_helper_scripts_refuse_counts_that_make_no_sense(script, flags, words):
+    code, out = run_script(script, *flags)
+    assert code != 0 and words in out and "Traceback" not in out, out
+
+
+def test_broken_dataset_files_are_named_and_one_bad_episode_does_not_stop_the_rest(builtin_raw, tmp_path, capsys):
+    data = tmp_path / "data"
+    pd.convert_folder(str(builtin_raw), str(data), 64, "builtin")
+    episodes = sorted((data / "episodes").iterdir())
+    frames = episodes[0] / "frames.npy"
+    frames.write_bytes(frames.read_bytes()[:3000])                           # truncated
+    (episodes[1] / "actions.npy").write_bytes(b"garbage" * 50)               # not an array at all
+    _, loaded = pd.load_dataset(str(data))
+    out = capsys.readouterr().out
+    assert [e["name"] for e in loaded] == [episodes[2].name]
+    assert f"{frames} cannot be read" in out and f"{episodes[1] / 'actions.npy'} cannot be read" in out
+    (data / "index.json").write_text('{"format": 1, "episodes": [')           # corrupt index
+    with pytest.raises(pd.DatasetError, match="index.json is not valid JSON"):
+        pd.load_dataset(str(data))
+    code, out = run_script("iwm.py", "--data", data, "--out_dir", tmp_path / "run", "--steps", "1")
+    assert code == 1 and "index.json is not valid JSON" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("field, value", [("mouse", {"dx": "left"}), ("keyboard", {"keys": "w"}),
+                                          ("mouse", {"buttons": 0}), ("hotbar", "two"), ("yaw", [1]), ("mouse", 7)])
+def test_a_wrongly_typed_jsonl_field_names_the_file_and_line(tmp_path, field, value):
+    lines = [line() for _ in range(12)]
+    lines[4][field] = value
+    write_video(tmp_path / "bad-000000000001-20200101-000000.mp4", 12)
+    write_jsonl(tmp_path / "bad-000000000001-20200101-000000.jsonl", lines)
+    converted, problems = pd.convert_folder(str(tmp_path), str(tmp_path / "data"), 64, "vpt", workers=1)
+    assert converted == 0 and len(problems) == 1
+    assert problems[0].startswith(f"{tmp_path / 'bad-000000000001-20200101-000000.jsonl'}: line 5: "), problems
+
+
+def test_leftovers_of_killed_runs_are_cleaned_and_unpaired_files_reported(builtin_raw, tmp_path):
+    data = tmp_path / "data"
+    (data / "episodes" / ".tmp-builtin-000000000000-20260101-000000-1234").mkdir(parents=True)
+    (data / "raw").mkdir()
+    (data / "raw" / "builtin-000000000009-20260101-000000.mp4.99.tmp.mp4").write_bytes(b"half")
+    raw = tmp_path / "raw"
+    shutil.copytree(builtin_raw, raw)
+    (raw / "lonely-000000000001-20200101-000000.jsonl").write_text(json.dumps(line()))
+    converted, problems = pd.convert_folder(str(raw), str(data), 64, "builtin")
+    assert converted == 3 and any("lonely" in p and "no matching" in p for p in problems)
+    assert sorted(os.listdir(data / "episodes")) == sorted(p.stem for p in builtin_raw.glob("*.mp4"))
+    assert not list((data / "raw").iterdir())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out = run_script("prepare_data.py", "--vpt", empty, "--out", tmp_path / "nothing")
+    assert code == 1 and "no episode was converted" in out
+
+
+def test_an_unwritable_output_folder_is_one_clear_line(builtin_dataset, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, out = run_script("iwm.py", "--size", "tiny", "--data", builtin_dataset, "--out_dir", blocker / "run",
+                           "--steps", "1")
+    assert code == 1 and str(blocker / "run") in out and "Traceback" not in out, out
+    code, out = run_script("prepare_data.py", "--synthetic", "1", "--out", blocker / "data")
+    assert code == 1 and str(blocker / "data") in out and "Traceback" not in out, out
+
+
+@pytest.fixture
+def silent_server():
+    """A server on 127.0.0.1 that accepts connections and never answers."""
+    import socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    listener.close()
+
+
+def test_downloads_fail_fast_against_a_closed_port_or_a_silent_server(tmp_path, silent_server):
+    closed = f"http://127.0.0.1:{free_port()}/"
+    for base, flags in ((closed, []), (silent_server, ["--timeout", "0.3"])):
+        index = tmp_path / "index.json"
+        index.write_text(json.dumps({"basedir": base, "relpaths": [f"data/e{i}-00000000000{i}-20220101-000000.mp4"
+                                                                   for i in range(8)]}))
+        started = time.time()
+        code, out = run_script("prepare_data.py", "--download", index, "--n", "5", "--out", tmp_path / "data", *flags)
+        assert code == 1 and "2 episodes in a row failed" in out and "Traceback" not in out, out
+        assert time.time() - started < 30, "it should give up after two episodes, not try all eight"
+
+
+def test_a_download_that_gets_nothing_exits_non_zero(loopback_server, tmp_path):
+    base, root, stems = loopback_server
+    (root / "index.json").write_text(json.dumps({"basedir": base, "relpaths": ["data/6.13/gone-000000000001-20220101-000000.mp4"]}))
+    code, out = run_script("prepare_data.py", "--download", base + "index.json", "--out", tmp_path / "data")
+    assert code == 1 and "not on the server" in out and "no episode was converted" in out
