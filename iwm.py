@@ -2,35 +2,29 @@
 iwm.py: an action-conditioned JEPA image world model for Minecraft-style video, in one file.
 
 A world model answers "if I press these keys and move the mouse like this, what will I see
-next?". This one answers in latent space (a JEPA):
+next?". This one answers in latent space (a JEPA), and a diffusion decoder, trained on the side on
+detached latents (it never shapes them), turns latents back into pictures to watch:
 
-    frame t --encoder--> tokens z_t --action_conditioner(last 25 actions)--> --predictor--> z_t+1
+    frame t --encoder--> tokens --action_conditioner(last 25 actions)--> --predictor--> tokens of t+1
     frame t+1 --target_encoder (EMA copy of the encoder)--> target tokens; loss = MSE per token
+    tokens --decoder (rectified flow, diffusion time t, Euler steps from noise)--> frame
 
-It feeds its own predictions back for a few steps (a short open-loop rollout) so that long
-rollouts do not drift. A diffusion decoder, trained in the same run on detached latents (it
-never shapes them), turns latents back into pictures so that people can watch predictions:
-
-    noise --decoder(latent tokens, diffusion time t)--> Euler steps --> frame
-
-Notable choices (docs/faults.md lists the faults of the original system they fix; docs/
-experiments.md what each measured change bought):
+Notable choices (docs/faults.md: the original's faults they fix; docs/experiments.md: what each
+measured change bought):
   - each of the 25 action tokens has its own temporal position (not an unordered bag)
   - the target encoder is an EMA copy in eval mode, momentum 0.996 -> 1.0, saved in checkpoints
-  - latents are layer-normalised over the feature axis (no affine); the loss is per token
+  - latents are layer-normalised over features (no affine); the loss is per token
   - the predictor predicts a change to the start frame's target latent: untrained, it says
     "nothing changes", exactly the baseline every result is compared with
-  - the loss covers an open-loop rollout and teacher-forced steps (V-JEPA 2-AC), and weighs
-    each window by how much its view changes, so that big turns do not drown out the rest
-  - the decoder is a real diffusion model (rectified flow, a DiT with adaLN-Zero) that draws
-    each latent token into that token's own patch
-  - every evaluation reports pred/copy per horizon, action sensitivity, the collapse watch, and
-    the PSNR and sharpness of decoded predictions next to "nothing moves"
+  - the loss covers an open-loop rollout and teacher-forced steps (V-JEPA 2-AC) and weighs each
+    window by how much its view changes, so that big turns do not drown out the rest
+  - the decoder is a DiT with adaLN-Zero that draws each latent token into that token's own patch
+  - every evaluation reports pred/copy, action sensitivity, the collapse watch, and the PSNR
+    and sharpness of decoded predictions next to "nothing moves"
 
 Shape legend: B batch, S frames in a window, R rollout steps, N tokens per frame, D width,
 E decoder width, K action window (25), A action columns, H/W pixels, p patch size.
 
-Commands:
     python iwm.py --steps 1500                  # train (builds the built-in dataset if missing)
     python iwm.py --steps 3000 --resume         # continue the run in --out_dir up to step 3000
     python iwm.py --size base --bench 20        # time 20 steps on random data: FLOP/s, memory
@@ -106,7 +100,7 @@ class Config:
     ema_start: float = 0.996         # target encoder momentum at step 0 (I-JEPA)
     ema_end: float = 1.0             # ... rising linearly to this at the last step
     euler_steps: int = 10            # Euler steps when the decoder draws a frame (more: slower, finer)
-    dtype: str = "auto"              # float32 | bfloat16 | float16 (autocast); auto: see choose_dtype
+    dtype: str = "auto"              # float32 | bfloat16 | float16 (autocast); auto: see choose_hardware
     grad_ckpt: bool = False          # activation checkpointing: recompute each block's activations
                                      # in the backward pass instead of storing them (less memory)
     compile: bool = False            # torch.compile each part (slow first steps, then faster)
@@ -131,12 +125,10 @@ PRESETS = {
     "small": dict(image_size=64, patch_size=8, width=256, heads=8, encoder_depth=6,
                   conditioner_depth=3, predictor_depth=6, decoder_width=256, decoder_depth=6,
                   decoder_heads=8, batch_size=32, grad_accum=1, lr=6e-4),
-    # The original's sizes (encoder ~114M, conditioner ~43M, predictor ~213M, decoder ~141M; a test
-    # checks ours within 5%): 224 px, patch 16, width 768. Its conditioner had 16 cross-attention
-    # layers without MLPs; ours has MLPs, so 6 blocks give the same size. Its predictor had MLP x12;
-    # x13 lands on its reported 213M. Its decoder had no timestep conditioning; ours adds adaLN-Zero,
-    # so MLP x5 instead of x8 keeps the size. Activation checkpointing keeps a micro-batch of 8
-    # inside a 12 GB GPU (docs/memory.md has the arithmetic).
+    # The original's sizes (a test checks each part within 5%; docs/faults.md): 224 px, patch 16,
+    # width 768. Our conditioner blocks have MLPs, so 6 match its 16 plain cross-attention layers;
+    # our decoder adds adaLN-Zero, so MLP x5 matches its x8. Activation checkpointing keeps a
+    # micro-batch of 8 inside a 12 GB GPU (docs/memory.md).
     "base": dict(image_size=224, patch_size=16, width=768, heads=12, encoder_depth=16,
                  conditioner_depth=6, predictor_depth=12, predictor_mlp_ratio=13.0,
                  decoder_width=768, decoder_depth=12, decoder_heads=8, decoder_mlp_ratio=5.0,
@@ -174,14 +166,13 @@ def check_config(cfg):
 
 
 def check_device(device):
-    """auto, cpu, cuda or cuda:N, and a CUDA device only where there is one."""
-    if device in ("auto", "cpu"):
-        return
-    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise ValueError(f"--device {device}: choose auto, cpu, cuda or cuda:N")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0 or (device != "cuda" and int(device[5:]) >= count):
-        raise ValueError(f"--device {device}: this machine has {count} CUDA GPUs; use --device cpu")
+    """auto, cpu, cuda or cuda:N, and a CUDA device only where the machine has it."""
+    if device not in ("auto", "cpu"):
+        index, count = device.removeprefix("cuda").removeprefix(":"), torch.cuda.device_count()
+        if not device.startswith("cuda") or not (index == "" or index.isdigit()):
+            raise ValueError(f"--device {device}: choose auto, cpu, cuda or cuda:N")
+        if int(index or 0) >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA GPUs; use --device cpu")
 
 
 # -----------------------------------------------------------------------------
@@ -357,26 +348,23 @@ class Predictor(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Diffusion decoder: latent tokens -> pixels, for watching and scoring predictions only.
-# Rectified flow (minRF, SD3). Time convention: t = 0 is the data, t = 1 pure noise, and
-#     x_t = (1 - t) * x_0 + t * noise,   velocity v = dx_t/dt = noise - x_0.
-# Sampling integrates v from t = 1 down to t = 0 with Euler steps.
-# The network itself predicts the clean image x_0 and v is derived from it (JiT, "Back to
-# Basics", 2025): a velocity contains the noise, which a patch token narrower than its
-# patch (128 < 8*8*3 here) cannot carry, while a clean image is easy to squeeze through.
-# The loss is the velocity error weighted by t^2, which is exactly the clean-image error:
-# every noise level counts the same in pixel space. (Unweighted, the nearly clean end, where
-# the task is "copy the input", would weigh up to 1/MIN_T^2 = 400 times more.)
+# Rectified flow (minRF, SD3): t = 0 is the data, t = 1 pure noise, x_t = (1 - t) x_0 + t noise,
+# velocity v = dx_t/dt = noise - x_0; sampling integrates v from t = 1 down to 0 in Euler steps.
+# The network predicts the clean image x_0 and v is derived from it (JiT, 2025): a velocity
+# contains the noise, which a patch token narrower than its patch (128 < 8*8*3) cannot carry.
+# The loss, the velocity error weighted by t^2, is exactly the clean-image error: every noise
+# level counts the same (unweighted, the nearly clean end would weigh up to 400 times more).
 
 
 def rectified_flow_loss(predict_clean, x0):
-    """Per-example t^2-weighted velocity MSE (= clean-image MSE), and the t each example got.
-    predict_clean(x_t, t) is the model. t ~ logit-normal (sigmoid of a standard normal, SD3):
-    mid-range times, where the picture takes shape, are sampled most."""
+    """Per-example t^2-weighted velocity MSE (= clean-image MSE). predict_clean(x_t, t) is the
+    model. t ~ logit-normal (sigmoid of a standard normal, SD3): mid-range times, where the
+    picture takes shape, are sampled most."""
     t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device))
     noise = torch.randn_like(x0)
     x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
     # t^2 * |v_hat - v|^2 with v_hat = (x_t - x0_hat) / t and v = (x_t - x0) / t:
-    return (predict_clean(x_t, t).float() - x0).pow(2).mean(dim=(1, 2, 3)), t
+    return (predict_clean(x_t, t).float() - x0).pow(2).mean(dim=(1, 2, 3))
 
 
 @torch.no_grad()
@@ -570,9 +558,8 @@ class WorldModel(nn.Module):
         # detached: no decoder gradient reaches the JEPA (DINO-WM and LeWM plan worse when it does)
         rows, step = torch.arange(B, device=frames.device), torch.randint(R, (B,), device=frames.device)
         image = normalize_frames(frames[rows, step + 1], self.cfg.image_size)        # (B, 3, H, W)
-        decoder_losses, t = rectified_flow_loss(lambda x, t: self.decoder(x, t, targets[rows, step + 1]), image)
-        info = {"world_loss": world_loss.detach(), "decoder_losses": decoder_losses.detach(), "decoder_t": t}
-        return world_loss + decoder_losses.mean(), info
+        decoder_loss = rectified_flow_loss(lambda x, t: self.decoder(x, t, targets[rows, step + 1]), image).mean()
+        return world_loss + decoder_loss, {"world_loss": world_loss.detach(), "decoder_loss": decoder_loss.detach()}
 
     @torch.no_grad()
     def update_target(self, momentum):
@@ -680,7 +667,7 @@ def fit(cfg):
     check_config(cfg)
     rank, local_rank, world_size = start_processes()
     say = print if rank == 0 else (lambda *args, **kwargs: None)     # only rank 0 talks and writes
-    device, dtype = choose_hardware(cfg, local_rank, world_size, say)
+    device, dtype = choose_hardware(cfg, local_rank, say)
     torch.manual_seed(cfg.seed)
     sampler, val_frames, val_actions, ckpt_path = prepare_run(cfg, say)
     model = WorldModel(cfg).to(device)     # the same seed in every process: the same initial weights
@@ -693,7 +680,6 @@ def fit(cfg):
     autocast = autocast_to(device.type, dtype)
     log = open_log(cfg, step) if rank == 0 else None
     metrics, speeds, stopping = {}, [], False
-    decoder_by_t = torch.zeros(2, 4)       # sums and counts of the decoder loss in 4 bins of t
     model.train()
     with stop_requests() as requests, tqdm(total=cfg.steps, initial=step, desc="train", unit="step",
                                            dynamic_ncols=True, disable=rank > 0) as bar:
@@ -706,8 +692,7 @@ def fit(cfg):
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             # Steps 1 and 2 (in WorldModel.forward): targets from the EMA encoder, predictions, loss
-            loss, world_loss = accumulate_gradients(trained, sampler, scaler, autocast, device, cfg, world_size,
-                                                    decoder_by_t)
+            loss, world_loss = accumulate_gradients(trained, sampler, scaler, autocast, device, cfg, world_size)
             loss, world_loss, stops = sum_over_processes([loss, world_loss, len(requests)], world_size)
             loss, world_loss, stopping = loss / world_size, world_loss / world_size, stops > 0
             if not math.isfinite(loss):
@@ -729,8 +714,6 @@ def fit(cfg):
             if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
                 metrics = evaluate(model, val_frames, val_actions, device, autocast, cfg.eval_psnr_windows,
                                    cfg.euler_steps)
-                metrics["decoder_loss_by_t"] = (decoder_by_t[0] / decoder_by_t[1].clamp_min(1)).tolist()
-                decoder_by_t.zero_()
                 record.update(metrics)
                 tqdm.write(format_eval(step, metrics))
             if log:
@@ -755,8 +738,7 @@ def fit(cfg):
 
 def psnr(images, reference):
     """PSNR in dB per image, for images in [-1, 1] (peak-to-peak 2): 10 log10(2^2 / MSE)."""
-    mse = (images.float() - reference.float()).pow(2).mean(dim=(-3, -2, -1))
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+    return 10 * torch.log10(4.0 / (images.float() - reference.float()).pow(2).mean(dim=(-3, -2, -1)).clamp_min(1e-10))
 
 
 def sharpness(images):
@@ -790,10 +772,15 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
             errors[row] += jepa_loss(guess, targets[:, 1:]).mean(-1).sum(0).cpu()
         target_std.append(targets[:, 0].std(dim=0).mean().item())           # across the batch
         if i < psnr_windows:
-            n = psnr_windows - i
-            for key, total in decoded_metrics(model, f[:n], targets[:n], predicted[:n], autocast, euler_steps,
-                                              generator).items():
-                sums[key] = sums.get(key, 0) + total
+            b, horizon = min(psnr_windows - i, len(f)), a.shape[1]
+            with autocast:
+                drawn, rebuilt = (model.decoder.draw(z[:b].flatten(0, 1), euler_steps, generator).unflatten(0, (b, horizon))
+                                  for z in (predicted, targets[:, 1:]))
+            truth, start = normalize_frames(f[:b, 1:], model.cfg.image_size), normalize_frames(f[:b, :1], model.cfg.image_size)
+            for key, value in (("psnr_prediction", psnr(drawn, truth)), ("psnr_reconstruction", psnr(rebuilt, truth)),
+                               ("psnr_repeat_start", psnr(start, truth)), ("sharp_prediction", sharpness(drawn)),
+                               ("sharp_truth", sharpness(truth))):
+                sums[key] = sums.get(key, 0) + value.sum(0).cpu()
     metrics = {"val_loss": (errors[0, :model.cfg.rollout].sum() / len(frames) / model.cfg.rollout).item(),
                "pred_copy": (errors[0] / errors[1]).tolist(), "action_sensitivity": (errors[2].sum() / errors[0].sum()).item(),
                "target_std": float(np.mean(target_std))}
@@ -802,20 +789,6 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
         metrics["sharpness"] = (sums["sharp_prediction"] / sums["sharp_truth"]).tolist()
     model.train(was_training)
     return metrics
-
-
-def decoded_metrics(model, frames, targets, predicted, autocast, euler_steps, generator):
-    """Per-horizon sums over these b windows: PSNR of the drawn prediction, of the reconstruction
-    and of repeating the start frame against the truth; sharpness of the prediction and the truth."""
-    b, horizon = predicted.shape[:2]
-    with autocast:
-        drawn = model.decoder.draw(predicted.flatten(0, 1), euler_steps, generator).unflatten(0, (b, horizon))
-        rebuilt = model.decoder.draw(targets[:, 1:].flatten(0, 1), euler_steps, generator).unflatten(0, (b, horizon))
-    truth = normalize_frames(frames[:, 1:], model.cfg.image_size)          # (b, H, 3, h, w)
-    start = normalize_frames(frames[:, :1], model.cfg.image_size)          # (b, 1, 3, h, w)
-    return {"psnr_prediction": psnr(drawn, truth).sum(0), "psnr_reconstruction": psnr(rebuilt, truth).sum(0),
-            "psnr_repeat_start": psnr(start, truth).sum(0),
-            "sharp_prediction": sharpness(drawn).sum(0), "sharp_truth": sharpness(truth).sum(0)}
 
 
 def format_eval(step, metrics):
@@ -829,8 +802,6 @@ def format_eval(step, metrics):
         text += (f"\n  PSNR dB h=1..: prediction {row('psnr_prediction', 1)} | repeat start {row('psnr_repeat_start', 1)}"
                  f" | reconstruction {row('psnr_reconstruction', 1)}\n  sharpness (1 = as sharp as the truth) "
                  f"h=1..: {row('sharpness', 2)}")
-    if "decoder_loss_by_t" in metrics:
-        text += f"\n  decoder loss by t (0-.25-.5-.75-1): {row('decoder_loss_by_t', 4)}"
     return text
 
 
@@ -878,17 +849,8 @@ def saved_config(state, **overrides):
     return Config(**{k: v for k, v in {**state["config"], **overrides}.items() if k in known})
 
 
-def check_same_model(saved, cfg, path):
-    """A checkpoint only loads into a model of the same shape: say which fields differ."""
-    differ = [f"{k}: checkpoint {getattr(saved, k)} vs requested {getattr(cfg, k)}" for k in MODEL_FIELDS
-              if getattr(saved, k) != getattr(cfg, k)]
-    if differ:
-        raise CheckpointError(f"{path} holds a different model ({', '.join(differ)}); drop those flags or use "
-                              "another --out_dir")
-
-
 def load_model_state(model, state, path):
-    """Load weights, or say which parameters are missing, unexpected or of another shape."""
+    """Load weights, or say which parameter is missing, unexpected or of another shape."""
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -897,43 +859,35 @@ def load_model_state(model, state, path):
                               "version of iwm.py?") from None
 
 
+def resume(path, model, optimizer, scaler, say):
+    """Load the weights, EMA target and optimizer state of a run. Returns its step."""
+    state = load_checkpoint(path)
+    load_model_state(model, state, path)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    say(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
 # -----------------------------------------------------------------------------
-# Training helpers: hardware, the data and the run folder, the optimizer, processes, saving, resuming
+# Training helpers: hardware, the data and the run folder, the optimizer, processes, the log, signals
 
 
-def choose_device(cfg, local_rank=0):
-    if cfg.device != "auto":
-        return torch.device(cfg.device), "as asked"
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank), f"found {torch.cuda.get_device_name()}"
-    return torch.device("cpu"), "no CUDA GPU found"
-
-
-def choose_dtype(cfg, device_type):
-    """Autocast dtype, from what the hardware supports (never from a timing, so every run of a
-    command trains the same way). GPU: bf16 where supported (Ampere and later, e.g. the RTX
-    3060), else fp16 with a gradient scaler. CPU: bf16 where it has bf16 matmul instructions
-    (AVX512-BF16 or AMX), else fp32 (emulated bf16 is slower than fp32)."""
-    if cfg.dtype != "auto":
-        return getattr(torch, cfg.dtype), "as set by --dtype or the checkpoint"
-    if device_type == "cuda":
-        bf16 = torch.cuda.is_bf16_supported()
-        return (torch.bfloat16, "this GPU supports bf16") if bf16 else (torch.float16, "fp16 with a gradient scaler")
-    if any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")):
-        return torch.bfloat16, "this CPU has bf16 matmul instructions"
-    return torch.float32, "this CPU lacks bf16 matmul instructions"
-
-
-def choose_hardware(cfg, local_rank, world_size, say):
-    """The device and autocast dtype, said with the reason; cfg.dtype records the choice, so that
-    a resumed run keeps it."""
-    device, device_reason = choose_device(cfg, local_rank)
-    dtype, dtype_reason = choose_dtype(cfg, device.type)
-    cfg.dtype = str(dtype).removeprefix("torch.")
-    say(f"device: {device} ({device_reason}); precision: {cfg.dtype} ({dtype_reason})"
-        + (f"; {world_size} processes, {world_size * cfg.batch_size * cfg.grad_accum} windows per step"
-           if world_size > 1 else ""))
-    return device, dtype
+def choose_hardware(cfg, local_rank=0, say=print):
+    """The device, and the autocast dtype from what the hardware supports (never from a timing,
+    so that every run of a command trains the same way): on a GPU bf16 where it has it (Ampere
+    and later, e.g. the RTX 3060), else fp16 with a gradient scaler; on a CPU bf16 only with bf16
+    matmul instructions (AVX512-BF16 or AMX; emulated bf16 is slower than fp32). cfg.dtype
+    records the choice, so that a resumed run keeps it."""
+    device = torch.device(cfg.device if cfg.device != "auto" else f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    reason = "as set by --dtype or the checkpoint"
+    if cfg.dtype == "auto":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+        cfg.dtype = "bfloat16" if bf16 else "float16" if device.type == "cuda" else "float32"
+        reason = f"the {'GPU' if device.type == 'cuda' else 'CPU'} {'has' if bf16 else 'lacks'} bf16 support"
+    say(f"device: {device}; precision: {cfg.dtype} ({reason})")
+    return device, getattr(torch, cfg.dtype)
 
 
 def autocast_to(device_type, dtype):
@@ -982,29 +936,18 @@ def make_optimizer(model, cfg, device_type, dtype):
     return optimizer, torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
 
 
-def accumulate_gradients(trained, sampler, scaler, autocast, device, cfg, world_size, decoder_by_t):
-    """Forward and backward over grad_accum micro-batches of fresh windows. Returns the mean loss
-    and world-model loss; adds the decoder's losses to their bins of diffusion time."""
+def accumulate_gradients(trained, sampler, scaler, autocast, device, cfg, world_size):
+    """Forward and backward over grad_accum micro-batches of fresh windows; returns the mean loss
+    and world-model loss. (DDP averages the gradients across processes on the last one only.)"""
     loss = world_loss = 0.0
     for micro in range(cfg.grad_accum):
         frames, actions = sampler.sample(cfg.batch_size)
-        last = micro == cfg.grad_accum - 1              # DDP averages the gradients on the last one only
-        with trained.no_sync() if world_size > 1 and not last else contextlib.nullcontext():
+        with trained.no_sync() if world_size > 1 and micro < cfg.grad_accum - 1 else contextlib.nullcontext():
             with autocast:
                 micro_loss, info = trained(frames.to(device), actions.to(device))
             scaler.scale(micro_loss / cfg.grad_accum).backward()
-        loss += micro_loss.item() / cfg.grad_accum
-        world_loss += info["world_loss"].item() / cfg.grad_accum
-        time_bin = (info["decoder_t"] * 4).long().clamp(max=3).cpu()
-        decoder_by_t[0].index_add_(0, time_bin, info["decoder_losses"].float().cpu())
-        decoder_by_t[1].index_add_(0, time_bin, torch.ones(len(time_bin)))
+        loss, world_loss = loss + micro_loss.item() / cfg.grad_accum, world_loss + info["world_loss"].item() / cfg.grad_accum
     return loss, world_loss
-
-
-def compile_parts(model):
-    """torch.compile each part (each a plain tensor function); the loops around them stay eager."""
-    for part in (model.encoder, model.target_encoder, model.action_conditioner, model.predictor, model.decoder):
-        part.compile()
 
 
 def start_processes():
@@ -1027,16 +970,6 @@ def sum_over_processes(values, world_size):
     total = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(total)
     return total.tolist()
-
-
-def resume(path, model, optimizer, scaler, say):
-    """Load the weights, EMA target and optimizer state of a run. Returns its step."""
-    state = load_checkpoint(path)
-    load_model_state(model, state, path)
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    say(f"resumed from {path} at step {state['step']}")
-    return state["step"]
 
 
 def open_log(cfg, step):
@@ -1101,11 +1034,9 @@ def timed(function, device, repeats=1):
 
 def benchmark(cfg):
     """Print parameters per part, samples/s, FLOPs per step and FLOP/s, the fraction of the
-    measured matmul peak, the memory budget, and on a GPU the peak CUDA memory."""
+    measured matmul peak, the memory of weights and optimizer state, and on a GPU the peak memory."""
     check_config(cfg)
-    device, dtype = choose_hardware(cfg, 0, 1, print)
-    print(f"benchmark: {cfg.size} preset, {cfg.bench} steps of batch {cfg.batch_size} x {cfg.grad_accum} on "
-          f"random data; grad_ckpt {cfg.grad_ckpt}, compile {cfg.compile}")
+    device, dtype = choose_hardware(cfg)
     torch.manual_seed(cfg.seed)
     model = WorldModel(cfg).to(device).train()
     print("parameters: " + ", ".join(f"{part} {n / 1e6:.2f}M" for part, n in count_parameters(model).items()))
@@ -1141,15 +1072,20 @@ def benchmark(cfg):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     states = (4 * sum(p.numel() for p in model.parameters()) + 12 * trainable) / 2 ** 30
     memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
-    print(f"  {cfg.batch_size * cfg.grad_accum / seconds:.1f} samples/s ({seconds:.3f} s per step)\n"
-          f"  {flops / 1e12:.3f} TFLOP per step -> {flops / seconds / 1e12:.3f} TFLOP/s achieved\n"
-          f"  measured {dtype} matmul peak {peak / 1e12:.3f} TFLOP/s -> {flops / seconds / peak:.1%} of peak\n"
-          f"  memory: weights, gradients and AdamW's two moments in fp32 take {states:.2f} GiB\n"
-          + (f"  peak CUDA memory (max allocated): {memory:.2f} GiB on {torch.cuda.get_device_name()}"
-             if memory is not None else "  peak memory: not measured on CPU (CUDA's max allocated needs a GPU)"))
+    print(f"{cfg.size}, batch {cfg.batch_size} x {cfg.grad_accum}, grad_ckpt {cfg.grad_ckpt}, compile {cfg.compile}: "
+          f"{cfg.batch_size * cfg.grad_accum / seconds:.1f} samples/s ({seconds:.3f} s per step)\n"
+          f"  {flops / 1e12:.3f} TFLOP per step -> {flops / seconds / 1e12:.3f} TFLOP/s; measured {dtype} matmul peak "
+          f"{peak / 1e12:.3f} TFLOP/s -> {flops / seconds / peak:.1%} of peak\n"
+          f"  memory: weights, gradients and AdamW's two moments in fp32 take {states:.2f} GiB; "
+          + (f"peak CUDA memory (max allocated) {memory:.2f} GiB" if memory else "peak memory needs a CUDA GPU"))
     return {"samples_per_s": cfg.batch_size * cfg.grad_accum / seconds, "flops_per_step": flops,
-            "flops_per_s": flops / seconds, "peak_flops_per_s": peak, "fraction_of_peak": flops / seconds / peak,
-            "peak_memory_gib": memory, "states_gib": states}
+            "fraction_of_peak": flops / seconds / peak, "peak_memory_gib": memory, "states_gib": states}
+
+
+def compile_parts(model):
+    """torch.compile each part (each a plain tensor function); the loops around them stay eager."""
+    for part in (model.encoder, model.target_encoder, model.action_conditioner, model.predictor, model.decoder):
+        part.compile()
 
 
 # -----------------------------------------------------------------------------
@@ -1159,31 +1095,22 @@ def benchmark(cfg):
 def parse_config(argv=None):
     parser = argparse.ArgumentParser(description="Train the JEPA image world model.")
     for f in dataclasses.fields(Config):
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
-        else:
-            parser.add_argument(f"--{f.name}", type=f.type, default=None, help=f"default: {f.default}")
+        kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": f.type}
+        parser.add_argument(f"--{f.name}", default=None, help=f"default: {f.default}", **kind)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    return resolve_config(given)
-
-
-def resolve_config(given):
-    """Config from explicit flags: on --resume the checkpoint's config with the flags on top
-    (flags that would change the model are refused); else the size preset, then the flags."""
-    if given.get("resume"):
+    if given.get("resume"):            # the checkpoint's config with the flags on top, the model's shape kept
         path = os.path.join(given.get("out_dir", Config.out_dir), "ckpt.pt")
         state = load_checkpoint(path)
-        saved = saved_config(state)
-        if given.get("size", saved.size) != saved.size:
-            raise CheckpointError(f"--size {given['size']}: {path} holds a {saved.size} model; drop --size "
-                                  "to resume it, or use another --out_dir")
-        cfg = saved_config(state, **given)
-        check_same_model(saved, cfg, path)
+        saved, cfg = saved_config(state), saved_config(state, **given)
+        differ = [f"{k}: checkpoint {getattr(saved, k)} vs requested {getattr(cfg, k)}" for k in ["size"] + MODEL_FIELDS
+                  if getattr(saved, k) != getattr(cfg, k)]
+        if differ:
+            raise CheckpointError(f"{path} holds a different model ({', '.join(differ)}); drop those flags or use "
+                                  "another --out_dir")
         return cfg
     size = given.get("size", "auto")
     if size == "auto":
-        check_device(given.get("device", "auto"))
-        size = "base" if choose_device(Config(**given))[0].type == "cuda" else "tiny"
+        size = "base" if torch.cuda.is_available() and given.get("device", "auto") != "cpu" else "tiny"
         print(f"size: {size} (base on a CUDA GPU, tiny on CPU; pick with --size)")
     if size not in PRESETS:
         raise ValueError(f"--size {size}: choose one of auto, {', '.join(PRESETS)}")

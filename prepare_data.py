@@ -11,6 +11,7 @@ and the dataset folder. Sections: action conversion -> reading episodes -> the d
 built-in world -> the scripted player -> downloading -> main.
 """
 import argparse
+import contextlib
 import glob
 import hashlib
 import ipaddress
@@ -168,9 +169,9 @@ def read_frames(video_path, lines, res):
         if not ok:
             break
         if count < len(lines):
-            mouse = lines[count].get("mouse") or {}
-            if lines[count].get("isGuiOpen") and isinstance(mouse.get("x"), (int, float)):
-                draw_cursor(frame, mouse["x"], mouse.get("y") or 0)
+            mouse = lines[count].get("mouse") if isinstance(lines[count].get("mouse"), dict) else {}
+            if lines[count].get("isGuiOpen") and all(isinstance(mouse.get(k), (int, float)) for k in "xy"):
+                draw_cursor(frame, mouse["x"], mouse["y"])
             frames[count] = dataset_frame(frame, res)
         count += 1
     capture.release()
@@ -179,6 +180,16 @@ def read_frames(video_path, lines, res):
         raise EpisodeError(f"{video_path}: {got} frames for {len(lines)} action lines "
                            f"(expected {len(lines)} or {len(lines) + 1})")
     return frames
+
+
+def read_episode(video_path, jsonl_path, res):
+    """(frames, actions, state) of one raw episode; errors name the file (and the line)."""
+    lines = read_jsonl(jsonl_path)
+    try:
+        actions, state = actions_from_lines(lines)
+    except EpisodeError as e:
+        raise EpisodeError(f"{jsonl_path}: {e}") from None
+    return read_frames(video_path, lines, res), actions, state
 
 
 # -----------------------------------------------------------------------------
@@ -201,12 +212,7 @@ def convert_episode(video_path, jsonl_path, out_dir, res):
     if os.path.exists(os.path.join(final, "meta.json")):
         with open(os.path.join(final, "meta.json")) as f:
             return json.load(f)
-    lines = read_jsonl(jsonl_path)
-    try:
-        actions, state = actions_from_lines(lines)
-    except EpisodeError as e:
-        raise EpisodeError(f"{jsonl_path}: {e}") from None
-    frames = read_frames(video_path, lines, res)
+    frames, actions, state = read_episode(video_path, jsonl_path, res)
     tmp = os.path.join(out_dir, "episodes", f".tmp-{stem}-{os.getpid()}")
     os.makedirs(tmp)
     for name, array in (("frames", frames), ("actions", actions), ("state", state)):
@@ -440,16 +446,8 @@ class World:
         self.vy, self.on_ground, self.hotbar = 0.0, True, 0
         self.breaking, self.break_target = 0, None
 
-    def column(self, x, z):
-        return int(math.floor(x)) % WORLD_SIZE, int(math.floor(z)) % WORLD_SIZE
-
     def ground_at(self, x, z):
-        return float(self.height[self.column(x, z)])
-
-    def leaves_block(self, x, z):
-        """Leaves are solid: they stop a player whose body (1.8 blocks tall) would touch them."""
-        low, high = self.leaf_low[self.column(x, z)], self.leaf_high[self.column(x, z)]
-        return high > low and low < self.pos[1] + 1.8 and high > self.pos[1]
+        return float(self.height[int(math.floor(x)) % WORLD_SIZE, int(math.floor(z)) % WORLD_SIZE])
 
     def step(self, inp):
         """Advance one tick with this input (the state afterwards is that of the next line)."""
@@ -474,7 +472,9 @@ class World:
             ahead = target.copy()
             ahead[2 * axis] += 0.3 * np.sign(move[axis])      # the player is 0.6 blocks wide
             rise = self.ground_at(ahead[0], ahead[2]) - self.pos[1]
-            if self.leaves_block(ahead[0], ahead[2]):
+            column = int(math.floor(ahead[0])) % WORLD_SIZE, int(math.floor(ahead[2])) % WORLD_SIZE
+            low, high = self.leaf_low[column], self.leaf_high[column]
+            if high > low and low < self.pos[1] + 1.8 and high > self.pos[1]:   # leaves stop the body (1.8 tall)
                 continue
             if rise <= 0:
                 self.pos = target
@@ -814,37 +814,33 @@ class DownloadError(Exception):
 def check_url(url):
     """Only https, except plain http to this machine (the tests' loopback server)."""
     parsed = urllib.parse.urlparse(url)
-    try:
-        loopback = parsed.hostname == "localhost" or ipaddress.ip_address(parsed.hostname or "").is_loopback
-    except ValueError:
-        loopback = False
-    if parsed.scheme != "https" and not (parsed.scheme == "http" and loopback):
+    with contextlib.suppress(ValueError):
+        if parsed.scheme == "http" and (parsed.hostname == "localhost" or ipaddress.ip_address(parsed.hostname).is_loopback):
+            return url
+    if parsed.scheme != "https":
         raise DownloadError(f"refusing {url}: only https URLs are downloaded (plain http only from this machine)")
     return url
 
 
 def read_vpt_index(index, timeout=TIMEOUT):
-    """An index is a local file, a URL, or the name of one of OpenAI's VPT indexes."""
-    local = os.path.exists(index)
-    source = index if local or "://" in index else VPT_INDEX_URL + index
+    """(basedir, relpaths) of a VPT index: a local file, a URL, or the name of one of OpenAI's."""
+    source = index if os.path.exists(index) or "://" in index else VPT_INDEX_URL + index
     try:
-        if local:
+        if os.path.exists(index):
             with open(index, encoding="utf-8") as f:
-                text = f.read()
+                data = json.load(f)
         else:
             with urllib.request.urlopen(check_url(source), timeout=timeout) as response:
-                text = response.read().decode("utf-8")
-        data = json.loads(text)
+                data = json.loads(response.read().decode("utf-8"))
         basedir, relpaths = data["basedir"], [str(path) for path in data["relpaths"]]
     except (OSError, urllib.error.URLError) as e:
         raise DownloadError(f"{source}: cannot be read ({describe(e)})") from None
     except (ValueError, KeyError, TypeError) as e:
         raise DownloadError(f"{source}: not a VPT index (expected JSON with 'basedir' and 'relpaths'): {e}") from None
     for relpath in relpaths:
-        parts = relpath.replace("\\", "/").split("/")
-        if relpath.startswith(("/", "\\")) or "://" in relpath or ".." in parts or not relpath.endswith(".mp4"):
-            raise DownloadError(f"{source}: refusing unsafe or unexpected relpath {relpath!r} "
-                                "(absolute, '..' or not an .mp4)")
+        if relpath.startswith(("/", "\\")) or "://" in relpath or ".." in relpath.replace("\\", "/").split("/") \
+                or not relpath.endswith(".mp4"):
+            raise DownloadError(f"{source}: refusing unsafe or unexpected relpath {relpath!r} (absolute, '..' or not an .mp4)")
     return basedir.rstrip("/") + "/", relpaths
 
 
@@ -861,13 +857,11 @@ def download_file(url, path, timeout=TIMEOUT, attempts=ATTEMPTS, backoff=1.0):
             request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 have = have if response.status == 206 else 0      # 200: the whole file, start over
-                length = response.headers.get("Content-Length")
-                total = have + int(length) if length is not None else None
+                total = have + int(response.headers["Content-Length"]) if "Content-Length" in response.headers else None
                 with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
                                                                     leave=False, desc=os.path.basename(path)) as bar:
                     while chunk := response.read(1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
+                        bar.update(f.write(chunk))
             if total is not None and os.path.getsize(part) != total:
                 raise DownloadError(f"got {os.path.getsize(part)} of {total} bytes")
             os.replace(part, path)
@@ -880,15 +874,13 @@ def download_file(url, path, timeout=TIMEOUT, attempts=ATTEMPTS, backoff=1.0):
             error = f"HTTP {e.code}"
         except (urllib.error.URLError, OSError, DownloadError) as e:   # timeouts are OSErrors
             error = describe(e)
-        if attempt + 1 < attempts:
-            time.sleep(backoff * 2 ** attempt)
+        time.sleep(backoff * 2 ** attempt if attempt + 1 < attempts else 0)
     raise DownloadError(f"{url}: failed {attempts} times ({error})")
 
 
 def download_episodes(index, n, raw_dir, timeout=TIMEOUT):
-    """Download the first n complete episodes of an index into raw_dir. Files missing on the
-    server are skipped, as some listed files are; FAILURES_TO_GIVE_UP failed episodes in a row
-    stop it with an error. Returns the number downloaded."""
+    """Download the first n complete episodes of an index into raw_dir; files missing on the
+    server are skipped, as some listed files are. Returns the number downloaded."""
     basedir, relpaths = read_vpt_index(index, timeout)
     os.makedirs(raw_dir, exist_ok=True)
     done, failed_in_a_row = 0, 0
@@ -901,60 +893,48 @@ def download_episodes(index, n, raw_dir, timeout=TIMEOUT):
             try:
                 ok = all(download_file(basedir + relpath[:-len(".mp4")] + ext, os.path.join(raw_dir, stem + ext), timeout)
                          for ext in (".jsonl", ".mp4"))
+                failed_in_a_row = 0
             except DownloadError as e:
-                tqdm.write(f"skipped {stem}: {e}")
-                failed_in_a_row += 1
+                ok, failed_in_a_row = False, failed_in_a_row + 1
                 if failed_in_a_row == FAILURES_TO_GIVE_UP:
                     raise DownloadError(f"{failed_in_a_row} episodes in a row failed (last: {e}); is the server "
                                         "reachable? Run the same command again to resume") from None
-                continue
-            failed_in_a_row = 0
-            if ok:
-                done += 1
-                bar.update(1)
-            else:
-                tqdm.write(f"skipped {stem}: not on the server")
+            done += ok
+            bar.update(ok)
+            if not ok:
+                tqdm.write(f"skipped {stem}: {'not on the server' if not failed_in_a_row else 'the download failed'}")
     if done < n:
         print(f"only {done} of {n} episodes could be downloaded")
     return done
 
 
 # -----------------------------------------------------------------------------
+# Main
 
 def describe(error):
     """An OSError as one line that names its file: '<file>: <what went wrong>'."""
-    if isinstance(error, urllib.error.URLError) and not isinstance(error, urllib.error.HTTPError):
-        error = error.reason if isinstance(error.reason, OSError) else error
+    if isinstance(error, urllib.error.URLError) and isinstance(error.reason, OSError):
+        error = error.reason
     if isinstance(error, TimeoutError) or "timed out" in str(error):
         return "no answer in time (timed out)"
-    if isinstance(error, OSError) and error.filename:
-        return f"{error.filename}: {error.strerror or error}"
-    return str(error)
+    return f"{error.filename}: {error.strerror or error}" if getattr(error, "filename", None) else str(error)
 
 
-def at_least(low, kind=int):
-    """An argparse type: a number >= low, else one line naming the rule."""
+def at_least(low, kind=int, below=None):
+    """An argparse type: a number >= low (and < below), else one line naming the rule."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        if value < low or (below is not None and value >= below):
+            raise argparse.ArgumentTypeError(f"must be at least {low}" + (f" and below {below}" if below else "") + f", got {text}")
         return value
     return parse
 
 
-def fraction(text):
-    value = at_least(0.0, float)(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--synthetic", type=at_least(1), metavar="N", help="write N built-in-world episodes and convert them")
     source.add_argument("--vpt", metavar="DIR", help="convert a folder of <stem>.mp4 + <stem>.jsonl pairs")
@@ -965,16 +945,14 @@ def main(argv=None):
     parser.add_argument("--frames", type=at_least(10), default=300, help="frames per built-in-world episode (20 per second)")
     parser.add_argument("--seed", type=int, default=0, help="built-in world: episode i uses seed*100000+i")
     parser.add_argument("--workers", type=at_least(1), default=2, help="processes (one episode each)")
-    parser.add_argument("--val_fraction", type=fraction, default=0.1, help="share of sessions held out for validation")
-    parser.add_argument("--timeout", type=at_least(0.1, float), default=TIMEOUT,
-                        help="seconds to wait for the server before a request counts as failed")
+    parser.add_argument("--val_fraction", type=at_least(0.001, float, below=1), default=0.1,
+                        help="share of sessions held out for validation")
+    parser.add_argument("--timeout", type=at_least(0.1, float), default=TIMEOUT, help="seconds to wait for the server")
     args = parser.parse_args(argv)
-    out = args.out or ("data/builtin" if args.synthetic else "data/vpt")
-    started = time.time()
+    out, started = args.out or ("data/builtin" if args.synthetic else "data/vpt"), time.time()
     try:
         if args.synthetic:
-            converted = make_synthetic(args.synthetic, out, args.res, args.frames, args.seed, args.workers,
-                                       args.val_fraction)
+            converted = make_synthetic(args.synthetic, out, args.res, args.frames, args.seed, args.workers, args.val_fraction)
         else:
             raw_dir = args.vpt or os.path.join(out, "raw")
             if args.download:
@@ -987,8 +965,7 @@ def main(argv=None):
     except OSError as e:
         sys.exit(f"error: {describe(e)}")
     except KeyboardInterrupt:
-        print("interrupted: finished episodes are kept; run the same command again to go on")
-        sys.exit(130)
+        sys.exit("interrupted: finished episodes are kept; run the same command again to go on")
     if not converted:
         sys.exit(f"error: no episode was converted into {out} (the messages above say why)")
     print(f"done in {time.time() - started:.1f} s")

@@ -30,39 +30,12 @@ import prepare_data
 from prepare_data import ACTION_COLUMNS, COLUMN
 
 # -----------------------------------------------------------------------------
-# Scripted actions for --actions: the action row of frame i of n (20 frames per second)
+# Rollouts: the metric table on validation windows, then GIFs
 
-
-def action_row(**columns):
-    row = np.zeros(len(ACTION_COLUMNS), np.float32)
-    for name, value in columns.items():
-        row[COLUMN[name]] = value
-    return row
-
-
-SCRIPTS = {   # camera speeds per frame: 3 degrees per frame turns 60 degrees per second
-    "stand_still": lambda i, n: action_row(),
-    "turn_left": lambda i, n: action_row(camera_yaw=-3.0),
-    "turn_right": lambda i, n: action_row(camera_yaw=3.0),
-    "look_up": lambda i, n: action_row(camera_pitch=-2.0),
-    "look_down": lambda i, n: action_row(camera_pitch=2.0),
-    "walk_forward": lambda i, n: action_row(forward=1.0),
-    "jump_forward": lambda i, n: action_row(forward=1.0, jump=1.0),
-    "turn_left_then_forward": lambda i, n: action_row(camera_yaw=-3.0) if i < n // 2 else action_row(forward=1.0),
-}
-
-
-def scripted_windows(episode, start, rows, cfg, horizon):
-    """Action windows (horizon, K, A) for a rollout from `start` under scripted per-frame rows:
-    the recorded history before the start (what really happened), the script from the start on."""
-    actions = np.concatenate([np.asarray(episode["actions"][:start], np.float32), rows])
-    return np.stack([iwm.action_window(actions, start + (k + 1) * cfg.frame_skip, cfg.action_window)
-                     for k in range(horizon)])
-
-
-# -----------------------------------------------------------------------------
-# Drawing: panels with a label on top and the actions of each step below
-
+# Scripts for --actions: the columns held on every frame (3 degrees per frame: 60 per second)
+SCRIPTS = {"stand_still": {}, "turn_left": {"camera_yaw": -3.0}, "turn_right": {"camera_yaw": 3.0},
+           "look_up": {"camera_pitch": -2.0}, "look_down": {"camera_pitch": 2.0},
+           "walk_forward": {"forward": 1.0}, "jump_forward": {"forward": 1.0, "jump": 1.0}}
 LABEL_HEIGHT, BAR_HEIGHT = 16, 30
 KEYS_SHOWN = [("forward", "W"), ("left", "A"), ("back", "S"), ("right", "D"), ("jump", "jump"),
               ("sprint", "sprint"), ("sneak", "sneak"), ("attack", "atk"), ("use", "use")]
@@ -79,9 +52,8 @@ def draw_actions(bar, step_actions, step, horizon):
         cv2.putText(bar, label, (x, y), font, 0.35, (80, 220, 255) if held[COLUMN[name]] > 0.5 else grey, 1, cv2.LINE_AA)
         x, y = (3, 26) if label == "D" else (x + 7 * len(label) + 5, y)
     yaw, pitch = (step_actions[:, COLUMN[c]].sum() for c in ("camera_yaw", "camera_pitch"))
-    center = (bar.shape[1] - 14, 15)
+    center, length = (bar.shape[1] - 14, 15), np.hypot(yaw, pitch)
     cv2.circle(bar, center, 11, grey, 1)
-    length = np.hypot(yaw, pitch)
     if length > 0.1:     # arrow length grows like log(degrees): 1 degree and 90 both show
         reach = 10 * min(np.arcsinh(length / 2) / np.arcsinh(30), 1.0)
         tip = (int(center[0] + reach * yaw / length), int(center[1] + reach * pitch / length))
@@ -101,7 +73,7 @@ def compose_gif(path, panels, labels, panel_actions, frame_skip, scale):
         columns = []
         for images, label, actions in zip(panels, labels, panel_actions):
             image = cv2.resize(images[step][:, :, ::-1], None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-            top, bar = np.zeros((LABEL_HEIGHT, image.shape[1], 3), np.uint8), np.zeros((BAR_HEIGHT, image.shape[1], 3), np.uint8)
+            top, bar = (np.zeros((height, image.shape[1], 3), np.uint8) for height in (LABEL_HEIGHT, BAR_HEIGHT))
             cv2.putText(top, label, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
             draw_actions(bar, actions[max(step - 1, 0) * frame_skip:step * frame_skip], step, horizon)
             columns += [np.concatenate([top, image, bar]), np.full((LABEL_HEIGHT + image.shape[0] + BAR_HEIGHT, 2, 3), 255, np.uint8)]
@@ -113,12 +85,9 @@ def compose_gif(path, panels, labels, panel_actions, frame_skip, scale):
         raise OSError(f"OpenCV could not write {path}")
 
 
-# -----------------------------------------------------------------------------
-# Rollouts: the metric table on validation windows, then GIFs
-
-
 def run_rollouts(model, cfg, episodes, args, out):
-    scripts = args.actions.split(",") if args.actions else []
+    """The metric table on args.windows windows, then args.n GIFs: true future | prediction |
+    reconstruction, or with --actions the prediction under each script from the same start."""
     sampler = iwm.WindowSampler(episodes, args.horizon, cfg)
     print(f"{len(sampler.episodes)} episodes; {args.horizon} steps of {cfg.frame_skip} frames; "
           f"{args.euler_steps} Euler steps per drawn frame")
@@ -133,33 +102,34 @@ def run_rollouts(model, cfg, episodes, args, out):
         print(f"{row['h']:2d} | {row['pred_copy']:16.3f} | {row['psnr_prediction']:15.2f} | "
               f"{row['psnr_repeat_start']:12.2f} | {row['psnr_reconstruction']:14.2f} | {row['sharpness']:9.2f}")
     print(f"action sensitivity {metrics['action_sensitivity']:.2f}, target std {metrics['target_std']:.3f}")
-    results = {"windows": args.windows, "euler_steps": args.euler_steps, "per_horizon": table,
-               **{k: metrics[k] for k in ("action_sensitivity", "target_std")}}
+    scripts = args.actions.split(",") if args.actions else []
     for i, (episode, start) in enumerate(tqdm(sampler.sample_positions(args.n, torch.Generator().manual_seed(args.seed + 1)),
                                               desc="rollout GIFs", unit="gif")):
         frames, recorded = (torch.from_numpy(x)[None].to(args.device) for x in sampler.window_at(episode, start))
-        recorded_rows = np.array(episode["actions"][start:start + args.horizon * cfg.frame_skip])
-        noise = torch.Generator(args.device).manual_seed(args.seed)
+        n_rows = args.horizon * cfg.frame_skip
         truth = to_pixels(iwm.normalize_frames(frames[0], cfg.image_size))
-        panels, labels, rows = [truth], ["true future"], [recorded_rows]
+        panels, labels, rows = [truth], ["true future"], [np.array(episode["actions"][start:start + n_rows])]
+        runs = [("predicted", recorded, rows[0])] + [("reconstruction", None, rows[0])] * (not scripts)
+        for script in scripts:        # the recorded history before the start, the script from the start on
+            script_rows = np.zeros((n_rows, len(ACTION_COLUMNS)), np.float32)
+            for column, value in SCRIPTS[script].items():
+                script_rows[:, COLUMN[column]] = value
+            history = np.concatenate([np.asarray(episode["actions"][:start], np.float32), script_rows])
+            windows = [iwm.action_window(history, start + (k + 1) * cfg.frame_skip, cfg.action_window) for k in range(args.horizon)]
+            runs.append((script, torch.from_numpy(np.stack(windows))[None].to(args.device), script_rows))
         with torch.no_grad():
             start_latent, start_target = model.encode(frames[:, :1])[:, 0], model.encode_target(frames[:, :1])[:, 0]
-            runs = [("predicted", recorded, recorded_rows)]
-            for script in scripts:
-                script_rows = np.stack([SCRIPTS[script](i, len(recorded_rows)) for i in range(len(recorded_rows))])
-                windows = scripted_windows(episode, start, script_rows, cfg, args.horizon)
-                runs.append((script, torch.from_numpy(windows)[None].to(args.device), script_rows))
-            if not scripts:                        # the reconstruction: the target latents, drawn
-                runs.append(("reconstruction", None, recorded_rows))
-            for label, window_actions, script_rows in runs:
+            for label, window_actions, action_rows in runs:
                 latents = model.encode_target(frames)[0, 1:] if window_actions is None else \
                     model.rollout(start_latent, window_actions, start_target)[0]
-                panels.append(np.concatenate([truth[:1], to_pixels(model.decoder.draw(latents, args.euler_steps, noise))]))
+                drawn = model.decoder.draw(latents, args.euler_steps, torch.Generator(args.device).manual_seed(args.seed))
+                panels.append(np.concatenate([truth[:1], to_pixels(drawn)]))
                 labels.append(label)
-                rows.append(script_rows)
-        name = f"rollout_{i}" + "".join(f"_{s}" for s in scripts) + ".gif"
-        compose_gif(os.path.join(out, name), panels, labels, rows, cfg.frame_skip, args.scale)
-    return "metrics", results
+                rows.append(action_rows)
+        compose_gif(os.path.join(out, f"rollout_{i}" + "".join(f"_{s}" for s in scripts) + ".gif"), panels, labels,
+                    rows, cfg.frame_skip, args.scale)
+    return "metrics", {"windows": args.windows, "euler_steps": args.euler_steps, "per_horizon": table,
+                       **{k: metrics[k] for k in ("action_sensitivity", "target_std")}}
 
 
 # -----------------------------------------------------------------------------
@@ -395,7 +365,7 @@ def run_episode(model, world, goal_latent, cfg, policy, generator, iterations):
         if policy == "random":
             controls = PLAN_LOW + (PLAN_HIGH - PLAN_LOW) * torch.rand(horizon, len(PLAN_CONTROLS), generator=generator)
         else:
-            with torch.no_grad(), iwm.autocast_to(device.type, iwm.choose_dtype(cfg, device.type)[0]):
+            with torch.no_grad(), iwm.autocast_to(device.type, getattr(torch, cfg.dtype)):
                 frame = torch.from_numpy(seen[-1])[None, None].to(device)
                 start = (model.encode(frame)[0, 0], model.encode_target(frame)[0, 0])
                 started = time.perf_counter()
@@ -472,15 +442,8 @@ def run_planning(model, cfg, args, out):
 # Main: load the checkpoint, run one mode, write its results as JSON
 
 
-def positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser, positive = argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), prepare_data.at_least(1)
     parser.add_argument("--ckpt", default="runs/iwm/ckpt.pt", help="checkpoint written by iwm.py")
     parser.add_argument("--data", help="dataset folder (default: the one the checkpoint trained on)")
     parser.add_argument("--video", help="a raw VPT <stem>.mp4 (with <stem>.jsonl) instead of a dataset")
@@ -509,10 +472,9 @@ def main(argv=None):
             parser.error(f"argument --actions: unknown script {script!r}; choose from {', '.join(SCRIPTS)}")
     try:
         iwm.check_device(args.device)
-        args.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-            "cpu" if args.device == "auto" else args.device
         state = iwm.load_checkpoint(args.ckpt)
-        cfg = iwm.saved_config(state, **({"data": args.data} if args.data else {}))
+        cfg = iwm.saved_config(state, **({"data": args.data} if args.data else {}), device=args.device)
+        args.device = iwm.choose_hardware(cfg, say=lambda text: None)[0]   # and cfg.dtype, for planning
         model = iwm.WorldModel(cfg)
         iwm.load_model_state(model, state, args.ckpt)
         model.to(args.device).eval()
@@ -524,8 +486,13 @@ def main(argv=None):
             name, results = run_planning(model, cfg, args, out)
         elif args.surprise:
             name, results = run_surprise(model, cfg, args)
-        elif args.video:
-            name, results = run_rollouts(model, cfg, [episode_from_video(args.video, cfg.image_size)], args, out)
+        elif args.video:                 # a raw VPT pair, converted on the fly by prepare_data's converter
+            jsonl = args.video[:-len(".mp4")] + ".jsonl"
+            if not args.video.endswith(".mp4") or not os.path.exists(jsonl):
+                raise ValueError(f"{args.video}: expected a <stem>.mp4 with its <stem>.jsonl beside it")
+            frames, actions, _ = prepare_data.read_episode(args.video, jsonl, cfg.image_size)
+            episode = {"frames": frames, "actions": actions}
+            name, results = run_rollouts(model, cfg, [episode], args, out)
         else:
             _, train_episodes, val_episodes = iwm.open_dataset(cfg)
             name, results = (run_probes(model, cfg, train_episodes, val_episodes, args) if args.probe
@@ -542,17 +509,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted")
         raise SystemExit(130)
-
-
-def episode_from_video(video_path, res):
-    """Convert a raw <stem>.mp4 + <stem>.jsonl pair on the fly with prepare_data's converter."""
-    jsonl_path = video_path[:-len(".mp4")] + ".jsonl"
-    if not video_path.endswith(".mp4") or not os.path.exists(jsonl_path):
-        raise ValueError(f"{video_path}: expected a <stem>.mp4 with its <stem>.jsonl beside it")
-    lines = prepare_data.read_jsonl(jsonl_path)
-    actions, _ = prepare_data.actions_from_lines(lines)
-    return {"name": os.path.basename(video_path), "frames": prepare_data.read_frames(video_path, lines, res),
-            "actions": actions}
 
 
 if __name__ == "__main__":
