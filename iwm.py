@@ -836,7 +836,7 @@ def load_checkpoint(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {e}); "
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {str(e).strip().splitlines()[0]}); "
                               "it is truncated or not a checkpoint of this project") from None
     if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
         raise CheckpointError(f"{path} is not an iwm.py checkpoint (no model, config or step in it)")
@@ -1120,6 +1120,7 @@ def parse_config(argv=None):
 def main(argv=None):
     try:
         cfg = parse_config(argv)
+        check_config(cfg)                  # before anything is printed or started
         if int(os.environ.get("RANK", 0)) == 0:
             print("config: " + json.dumps(dataclasses.asdict(cfg)))
         if cfg.bench:

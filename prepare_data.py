@@ -264,19 +264,25 @@ def start_dataset(out_dir, res):
 
 
 def convert_folder(raw_dir, out_dir, res, source, workers=2, val_fraction=0.1):
-    """Convert every episode pair in raw_dir (one episode per process), then write the index."""
+    """Convert every episode pair in raw_dir, then write the index. Returns (converted, problems)."""
     pairs, problems = find_episodes(raw_dir)
+    return run_jobs(_convert_job, [(video, jsonl, out_dir, res) for video, jsonl in pairs], "convert", out_dir, res,
+                    source, workers, val_fraction, problems)
+
+
+def run_jobs(job, jobs, desc, out_dir, res, source, workers, val_fraction, problems=()):
+    """Run one episode per process (both cores busy), report each failure and go on, then write
+    the index. Returns (episodes converted, problems)."""
     start_dataset(out_dir, res)
-    converted = 0
+    problems, converted = list(problems), 0
     with Pool(workers) as pool:
-        jobs = [(video, jsonl, out_dir, res) for video, jsonl in pairs]
-        for meta, problem in tqdm(pool.imap_unordered(_convert_job, jobs), total=len(jobs), desc="convert", unit="episode"):
+        for meta, problem in tqdm(pool.imap_unordered(job, jobs), total=len(jobs), desc=desc, unit="episode"):
             if problem:
                 problems.append(problem)
                 tqdm.write(f"skipped: {problem}")
             converted += meta is not None
     write_index(out_dir, res, source, val_fraction)
-    print(f"converted {converted} episodes, skipped {len(problems)}" + "".join(f"\n  skipped: {p}" for p in problems))
+    print(f"{desc}: {converted} episodes in {out_dir}, skipped {len(problems)}" + "".join(f"\n  skipped: {p}" for p in problems))
     return converted, problems
 
 
@@ -780,22 +786,12 @@ def _synthetic_job(job):
 
 def make_synthetic(n_episodes, out_dir, res, n_frames, seed, workers, val_fraction):
     """Write n episodes of the built-in world as VPT files under <out>/raw, converting each as soon
-    as it is written (both cores busy), then write the index. Returns the number converted."""
-    raw_dir = os.path.join(out_dir, "raw")
-    os.makedirs(raw_dir, exist_ok=True)
-    start_dataset(out_dir, res)
+    as it is written, then write the index. Returns the number converted."""
+    os.makedirs(os.path.join(out_dir, "raw"), exist_ok=True)
     # Stems shaped like VPT's <alias>-<12 hex session id>-<date>-<time>; one session each
-    jobs = [(raw_dir, out_dir, f"builtin-{seed * 100_000 + i:012x}-20260101-000000", seed * 100_000 + i,
+    jobs = [(os.path.join(out_dir, "raw"), out_dir, f"builtin-{seed * 100_000 + i:012x}-20260101-000000", seed * 100_000 + i,
              n_frames, res) for i in range(n_episodes)]
-    with Pool(workers) as pool:
-        problems = [problem for _, problem in tqdm(pool.imap_unordered(_synthetic_job, jobs), total=len(jobs),
-                                                   desc="built-in world", unit="episode") if problem]
-    write_index(out_dir, res, "builtin", val_fraction)
-    print(f"built-in world: {len(jobs) - len(problems)} episodes of {n_frames} frames in {out_dir}, "
-          f"skipped {len(problems)}")
-    for problem in problems:
-        print(f"  skipped: {problem}")
-    return len(jobs) - len(problems)
+    return run_jobs(_synthetic_job, jobs, "built-in world", out_dir, res, "builtin", workers, val_fraction)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -824,9 +820,10 @@ def check_url(url):
 
 def read_vpt_index(index, timeout=TIMEOUT):
     """(basedir, relpaths) of a VPT index: a local file, a URL, or the name of one of OpenAI's."""
-    source = index if os.path.exists(index) or "://" in index else VPT_INDEX_URL + index
+    local = "://" not in index and (os.path.exists(index) or "/" in index or os.sep in index)
+    source = index if local or "://" in index else VPT_INDEX_URL + index      # else the name of one of OpenAI's
     try:
-        if os.path.exists(index):
+        if local:
             with open(index, encoding="utf-8") as f:
                 data = json.load(f)
         else:

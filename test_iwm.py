@@ -173,7 +173,7 @@ def test_each_bad_episode_is_skipped_with_a_message_naming_its_file(tmp_path, ca
     for name, words in expected.items():
         matching = [p for p in problems if f"{name}-0000" in p]
         assert len(matching) == 1 and words in matching[0], (name, problems)
-    assert "converted 1 episodes, skipped 6" in capsys.readouterr().out
+    assert "convert: 1 episodes in" in (out := capsys.readouterr().out) and "skipped 6" in out
     index, episodes = pd.load_dataset(str(tmp_path / "data"))
     assert [e["name"] for e in episodes] == ["good-000000000001-20200101-000000"]
 
