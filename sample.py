@@ -442,7 +442,7 @@ def run_planning(model, cfg, args, out):
 # Main: load the checkpoint, run one mode, write its results as JSON
 
 
-def main(argv=None):
+def parse_args(argv):
     parser, positive = argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), prepare_data.at_least(1)
     parser.add_argument("--ckpt", default="runs/iwm/ckpt.pt", help="checkpoint written by iwm.py")
     parser.add_argument("--data", help="dataset folder (default: the one the checkpoint trained on)")
@@ -470,6 +470,11 @@ def main(argv=None):
     for script in args.actions.split(",") if args.actions else []:
         if script not in SCRIPTS:
             parser.error(f"argument --actions: unknown script {script!r}; choose from {', '.join(SCRIPTS)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         iwm.check_device(args.device)
         state = iwm.load_checkpoint(args.ckpt)

@@ -923,6 +923,15 @@ def test_a_resumed_log_holds_each_step_once_after_a_kill(builtin_dataset, tmp_pa
     assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
+def test_training_builds_the_builtin_dataset_when_the_default_folder_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)                                  # no data/builtin here
+    monkeypatch.setattr(iwm, "BUILTIN_EPISODES", 2)
+    iwm.fit(small_config(data=iwm.Config.data, out_dir="run", steps=1))
+    assert "has no dataset yet: building the built-in world's first" in capsys.readouterr().out
+    _, episodes = pd.load_dataset("data/builtin")
+    assert len(episodes) == 2 and (tmp_path / "run" / "ckpt.pt").exists()
+
+
 def test_a_fresh_run_never_overwrites_a_finished_one(builtin_dataset, tmp_path):
     iwm.fit(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=2))
     before = (tmp_path / "ckpt.pt").read_bytes()
