@@ -42,6 +42,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import time
@@ -835,9 +836,11 @@ def load_checkpoint(path):
                               "or give the path of the run's ckpt.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {str(e).strip().splitlines()[0]}); "
-                              "it is truncated or not a checkpoint of this project") from None
+    except Exception as e:      # torch's unpickling message suggests weights_only=False, which we never advise
+        detail = ("not a file of plain tensors and numbers" if isinstance(e, pickle.UnpicklingError)
+                  else str(e).strip().splitlines()[0].split(". ")[0])
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({detail}); it is truncated or not a "
+                              "checkpoint of this project") from None
     if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
         raise CheckpointError(f"{path} is not an iwm.py checkpoint (no model, config or step in it)")
     return state

@@ -566,6 +566,10 @@ def test_a_corrupt_or_mismatched_checkpoint_gives_a_clear_error(builtin_dataset,
     path.write_bytes(path.read_bytes()[:5000])          # truncated, as by a full disk
     with pytest.raises(iwm.CheckpointError, match="cannot be read as a checkpoint"):
         iwm.load_checkpoint(str(path))
+    path.write_text("not a checkpoint\n")
+    with pytest.raises(iwm.CheckpointError, match="cannot be read") as error:
+        iwm.load_checkpoint(str(path))
+    assert "weights_only" not in str(error.value)          # torch's advice to unpickle anything is not ours to give
     with pytest.raises(iwm.CheckpointError, match="no checkpoint there"):
         iwm.load_checkpoint(str(tmp_path / "nothing.pt"))
 
