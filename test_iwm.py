@@ -475,6 +475,27 @@ def test_window_weights_let_small_changes_count_and_survive_a_batch_that_never_m
     torch.testing.assert_close(iwm.window_weights(torch.zeros(4)), torch.ones(4))
 
 
+def test_teacher_forced_steps_start_from_the_true_target_latents():
+    torch.manual_seed(0)
+    model = iwm.WorldModel(small_config(rollout=3))
+    torch.nn.init.normal_(model.predictor.head.weight, std=0.5)        # a predictor that changes its input
+    frames, actions = torch.randint(0, 256, (4, 4, 32, 32, 3), dtype=torch.uint8), torch.rand(4, 3, 25, A)
+    torch.manual_seed(1)                                          # the decoder's draws: not compared here
+    _, info = model(frames, actions)
+    with torch.no_grad():
+        targets = model.encode_target(frames)                                       # (B, 4, N, D)
+        open_loop = model.rollout(model.encode(frames[:, :1])[:, 0], actions, targets[:, 0])
+        change = iwm.jepa_loss(targets[:, :1], targets[:, 1:]).mean(dim=(1, 2))
+
+        def world_loss(starts):                  # 3 open-loop errors, then 2 one-step errors from `starts`
+            forced = torch.stack([model.predict_next(starts[:, k], actions[:, k + 1]) for k in range(2)], dim=1)
+            errors = torch.cat([iwm.jepa_loss(open_loop, targets[:, 1:]), iwm.jepa_loss(forced, targets[:, 2:])], dim=1)
+            return (errors.mean(dim=(1, 2)) * iwm.window_weights(change)).mean()
+
+    assert info["world_loss"].item() == pytest.approx(world_loss(targets[:, 1:3]).item(), rel=1e-5)
+    assert abs(world_loss(open_loop[:, :2]).item() - info["world_loss"].item()) > 1e-4   # not from its own predictions
+
+
 def test_sharpness_falls_with_blur_and_rises_with_a_patch_mosaic():
     g = torch.Generator().manual_seed(0)
     smooth = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 68, 68, generator=g) * 2 - 1, 5, stride=1)  # (1, 3, 64, 64)
