@@ -206,13 +206,13 @@ def run_probes(model, cfg, train_episodes, val_episodes, args):
 # Surprise: the prediction error along an episode spikes when the world jumps
 
 
-def played_episode(seed, steps, cfg, teleport_step=None):
-    """The scripted player in the built-in world for `steps` model steps (moved half the world
-    away just after the frame of teleport_step). Returns frames (steps + 1, H, W, 3) and action
-    windows (steps, K, A), made by the same converter as the dataset."""
+def played_episode(seed, model_steps, cfg, teleport_step=None):
+    """The scripted player in the built-in world for `model_steps` steps (moved half the world
+    away just after the frame of teleport_step). Returns frames (model_steps + 1, H, W, 3) and
+    action windows (model_steps, K, A), made by the same converter as the dataset."""
     world, player = prepare_data.World(seed), prepare_data.ScriptedPlayer(seed)
     frames, lines, previous = [], [], prepare_data.PlayerInput()
-    for tick in range(steps * cfg.frame_skip + 1):
+    for tick in range(model_steps * cfg.frame_skip + 1):
         if tick % cfg.frame_skip == 0:
             frames.append(prepare_data.dataset_frame(world.frame(), cfg.image_size))
         if teleport_step is not None and tick == teleport_step * cfg.frame_skip + 1:
@@ -235,11 +235,11 @@ def surprise(model, frames, actions):
     return iwm.jepa_loss(model.predict_next(latents[:-1], actions, targets[:-1]), targets[1:]).mean(dim=-1)
 
 
-def run_surprise(model, cfg, args, steps=40, teleport_step=20):
+def run_surprise(model, cfg, args, model_steps=40, teleport_step=20):
     """The teleport step's error against the median error of the other steps, per episode."""
     ratios, largest = [], 0
     for trial in tqdm(range(args.trials), desc="surprise episodes", unit="episode", leave=False):
-        frames, windows = played_episode(10_000 + trial, steps, cfg, teleport_step)
+        frames, windows = played_episode(10_000 + trial, model_steps, cfg, teleport_step)
         errors = surprise(model, frames.to(args.device), windows.to(args.device)).cpu().numpy()
         ratios.append(errors[teleport_step] / np.median(np.delete(errors, teleport_step)))
         largest += int(errors.argmax() == teleport_step)
