@@ -223,7 +223,7 @@ def played_episode(seed, model_steps, cfg, teleport_step=None):
         world.step(inp)
         previous = inp
     rows, _ = prepare_data.actions_from_lines(lines)
-    windows = np.stack([iwm.action_window(rows, (k + 1) * cfg.frame_skip, cfg.action_window) for k in range(steps)])
+    windows = np.stack([iwm.action_window(rows, (k + 1) * cfg.frame_skip, cfg.action_window) for k in range(model_steps)])
     return torch.from_numpy(np.stack(frames)), torch.from_numpy(windows)
 
 
