@@ -739,7 +739,8 @@ def fit(cfg):
 
 def psnr(images, reference):
     """PSNR in dB per image, for images in [-1, 1] (peak-to-peak 2): 10 log10(2^2 / MSE)."""
-    return 10 * torch.log10(4.0 / (images.float() - reference.float()).pow(2).mean(dim=(-3, -2, -1)).clamp_min(1e-10))
+    mse = (images.float() - reference.float()).pow(2).mean(dim=(-3, -2, -1))
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
 
 
 def sharpness(images):
@@ -932,9 +933,11 @@ def make_optimizer(model, cfg, device_type, dtype):
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:                             # not the EMA target encoder
-            decay, scale = p.ndim >= 2 and "positions" not in name, cfg.decoder_lr_scale if name.startswith("decoder.") else 1.0
-            groups.setdefault((decay, scale), {"params": [], "lr_scale": scale,
-                                               "weight_decay": cfg.weight_decay if decay else 0.0})["params"].append(p)
+            decay = p.ndim >= 2 and "positions" not in name
+            scale = cfg.decoder_lr_scale if name.startswith("decoder.") else 1.0
+            group = groups.setdefault((decay, scale), {"params": [], "lr_scale": scale,
+                                                       "weight_decay": cfg.weight_decay if decay else 0.0})
+            group["params"].append(p)
     optimizer = torch.optim.AdamW(list(groups.values()), lr=cfg.lr, betas=(0.9, 0.95), fused=device_type == "cuda")
     return optimizer, torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
 
@@ -985,7 +988,8 @@ def open_log(cfg, step):
         f.seek(0)
         for line in f:
             with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):   # a line cut short by a kill
-                kept += [line.rstrip("\n") + "\n"] if json.loads(line)["step"] <= step else []
+                if json.loads(line)["step"] <= step:
+                    kept.append(line.rstrip("\n") + "\n")
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)

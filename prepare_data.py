@@ -858,7 +858,8 @@ def download_file(url, path, timeout=TIMEOUT, attempts=ATTEMPTS, backoff=1.0):
                 with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
                                                                     leave=False, desc=os.path.basename(path)) as bar:
                     while chunk := response.read(1 << 20):
-                        bar.update(f.write(chunk))
+                        f.write(chunk)
+                        bar.update(len(chunk))
             if total is not None and os.path.getsize(part) != total:
                 raise DownloadError(f"got {os.path.getsize(part)} of {total} bytes")
             os.replace(part, path)
@@ -871,7 +872,8 @@ def download_file(url, path, timeout=TIMEOUT, attempts=ATTEMPTS, backoff=1.0):
             error = f"HTTP {e.code}"
         except (urllib.error.URLError, OSError, DownloadError) as e:   # timeouts are OSErrors
             error = describe(e)
-        time.sleep(backoff * 2 ** attempt if attempt + 1 < attempts else 0)
+        if attempt + 1 < attempts:
+            time.sleep(backoff * 2 ** attempt)
     raise DownloadError(f"{url}: failed {attempts} times ({error})")
 
 
@@ -890,16 +892,16 @@ def download_episodes(index, n, raw_dir, timeout=TIMEOUT):
             try:
                 ok = all(download_file(basedir + relpath[:-len(".mp4")] + ext, os.path.join(raw_dir, stem + ext), timeout)
                          for ext in (".jsonl", ".mp4"))
-                failed_in_a_row = 0
+                problem, failed_in_a_row = "not on the server", 0
             except DownloadError as e:
-                ok, failed_in_a_row = False, failed_in_a_row + 1
+                ok, problem, failed_in_a_row = False, str(e), failed_in_a_row + 1
                 if failed_in_a_row == FAILURES_TO_GIVE_UP:
                     raise DownloadError(f"{failed_in_a_row} episodes in a row failed (last: {e}); is the server "
                                         "reachable? Run the same command again to resume") from None
             done += ok
             bar.update(ok)
             if not ok:
-                tqdm.write(f"skipped {stem}: {'not on the server' if not failed_in_a_row else 'the download failed'}")
+                tqdm.write(f"skipped {stem}: {problem}")
     if done < n:
         print(f"only {done} of {n} episodes could be downloaded")
     return done
@@ -962,7 +964,8 @@ def main(argv=None):
     except OSError as e:
         sys.exit(f"error: {describe(e)}")
     except KeyboardInterrupt:
-        sys.exit("interrupted: finished episodes are kept; run the same command again to go on")
+        print("interrupted: finished episodes are kept; run the same command again to go on")
+        sys.exit(130)
     if not converted:
         sys.exit(f"error: no episode was converted into {out} (the messages above say why)")
     print(f"done in {time.time() - started:.1f} s")

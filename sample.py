@@ -118,10 +118,10 @@ def run_rollouts(model, cfg, episodes, args, out):
             windows = [iwm.action_window(history, start + (k + 1) * cfg.frame_skip, cfg.action_window) for k in range(args.horizon)]
             runs.append((script, torch.from_numpy(np.stack(windows))[None].to(args.device), script_rows))
         with torch.no_grad():
-            start_latent, start_target = model.encode(frames[:, :1])[:, 0], model.encode_target(frames[:, :1])[:, 0]
+            start_latent, targets = model.encode(frames[:, :1])[:, 0], model.encode_target(frames)[0]   # (1, N, D), (S, N, D)
             for label, window_actions, action_rows in runs:
-                latents = model.encode_target(frames)[0, 1:] if window_actions is None else \
-                    model.rollout(start_latent, window_actions, start_target)[0]
+                latents = targets[1:] if window_actions is None else \
+                    model.rollout(start_latent, window_actions, targets[:1])[0]
                 drawn = model.decoder.draw(latents, args.euler_steps, torch.Generator(args.device).manual_seed(args.seed))
                 panels.append(np.concatenate([truth[:1], to_pixels(drawn)]))
                 labels.append(label)
