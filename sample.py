@@ -102,7 +102,7 @@ def run_rollouts(model, cfg, episodes, args, out):
         print(f"{row['h']:2d} | {row['pred_copy']:16.3f} | {row['psnr_prediction']:15.2f} | "
               f"{row['psnr_repeat_start']:12.2f} | {row['psnr_reconstruction']:14.2f} | {row['sharpness']:9.2f}")
     print(f"action sensitivity {metrics['action_sensitivity']:.2f}, target std {metrics['target_std']:.3f}")
-    scripts = args.actions.split(",") if args.actions else []
+    scripts = args.actions
     for i, (episode, start) in enumerate(tqdm(sampler.sample_positions(args.n, torch.Generator().manual_seed(args.seed + 1)),
                                               desc="rollout GIFs", unit="gif")):
         frames, recorded = (torch.from_numpy(x)[None].to(args.device) for x in sampler.window_at(episode, start))
@@ -328,22 +328,25 @@ def plan(model, start, goal, history, horizon, init=None, generator=None, iterat
 def make_goal(seed, kind, cfg):
     """A start (the world) and a goal: what the player sees after a hidden sequence of turning
     (30-80 degrees of yaw, up to 20 of pitch) or walking (GOAL_STEPS steps forward with up to 30
-    degrees of turn; redrawn if a tree or cliff blocks the walk). Returns (world, goal frame, goal state)."""
-    rng, world = np.random.default_rng(seed), prepare_data.World(seed)
-    world.pitch = float(rng.uniform(-15, 25))
+    degrees of turn; redrawn if a tree or cliff blocks the walk, and a start walled in on every
+    side moves to the next world, seed + 1,000,000). Returns (world, goal frame, goal state)."""
     ticks = GOAL_STEPS * cfg.frame_skip
-    for _ in range(100):
-        if kind == "turning":
-            yaw, pitch, forward = rng.choice([-1, 1]) * rng.uniform(30, 80), rng.uniform(-20, 20), 0.0
-        else:
-            yaw, pitch, forward = rng.uniform(-30, 30), rng.uniform(-5, 5), 1.0
-        goal_world = copy.deepcopy(world)
-        for row in controls_to_rows(torch.tensor([[yaw / ticks, pitch / ticks, forward]] * GOAL_STEPS), cfg.frame_skip).numpy():
-            goal_world.step(prepare_data.input_from_action(row))
-        if kind == "turning" or np.linalg.norm(goal_world.pos - world.pos) > 0.7 * prepare_data.WALK * ticks:
-            return world, prepare_data.dataset_frame(goal_world.frame(), cfg.image_size), goal_world.state()
-        world.yaw = float(rng.uniform(-180, 180))             # a blocked walk is no walk: turn elsewhere
-    raise RuntimeError(f"world {seed}: no direction to walk in from the start")
+    for world_seed in range(seed, seed + 10_000_000, 1_000_000):
+        rng, world = np.random.default_rng(world_seed), prepare_data.World(world_seed)
+        world.pitch = float(rng.uniform(-15, 25))
+        for _ in range(100):
+            if kind == "turning":
+                yaw, pitch, forward = rng.choice([-1, 1]) * rng.uniform(30, 80), rng.uniform(-20, 20), 0.0
+            else:
+                yaw, pitch, forward = rng.uniform(-30, 30), rng.uniform(-5, 5), 1.0
+            goal_world = copy.deepcopy(world)
+            for row in controls_to_rows(torch.tensor([[yaw / ticks, pitch / ticks, forward]] * GOAL_STEPS),
+                                        cfg.frame_skip).numpy():
+                goal_world.step(prepare_data.input_from_action(row))
+            if kind == "turning" or np.linalg.norm(goal_world.pos - world.pos) > 0.7 * prepare_data.WALK * ticks:
+                return world, prepare_data.dataset_frame(goal_world.frame(), cfg.image_size), goal_world.state()
+            world.yaw = float(rng.uniform(-180, 180))         # a blocked walk is no walk: turn elsewhere
+    raise RuntimeError(f"worlds {seed} to {world_seed}: no direction to walk in from the start")
 
 
 def reached(state, goal, kind):
@@ -467,7 +470,8 @@ def parse_args(argv):
                         "(walking goals start 1000 later); another value gives goals no setting was tuned on")
     parser.add_argument("--plan_iterations", type=positive, default=4, help="--plan: CEM iterations per plan")
     args = parser.parse_args(argv)
-    for script in args.actions.split(",") if args.actions else []:
+    args.actions = [script.strip() for script in args.actions.split(",")] if args.actions else []
+    for script in args.actions:
         if script not in SCRIPTS:
             parser.error(f"argument --actions: unknown script {script!r}; choose from {', '.join(SCRIPTS)}")
     return args

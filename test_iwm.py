@@ -679,7 +679,7 @@ def test_sample_py_writes_gifs_opencv_reads_back_with_the_panel_layout(builtin_d
     table = json.load(open(tmp_path / "a" / "metrics.json"))["per_horizon"]
     assert [row["h"] for row in table] == [1, 2, 3, 4] and all(row["psnr_repeat_start"] > 0 for row in table)
     # "what if": the same start under two scripts, one panel each after the true future and prediction
-    sample.main(common + ["--out", str(tmp_path / "b"), "--actions", "turn_left,walk_forward"])
+    sample.main(common + ["--out", str(tmp_path / "b"), "--actions", "turn_left, walk_forward"])   # a space is fine
     ok, gif = cv2.imreadanimation(str(tmp_path / "b" / "rollout_0_turn_left_walk_forward.gif"))
     assert ok and gif.frames[0].shape[1] == 4 * panel + 3 * 2
     with pytest.raises(SystemExit):
@@ -769,6 +769,17 @@ def test_goal_success_wraps_yaw_and_needs_position_only_for_walking():
     assert not sample.reached(np.array([-175.0, 20.0, 9.0, 20.0, 5.0]), goal, "walking")  # 4 blocks away
     assert sample.reached(np.array([170.0, 0.0, 6.0, 20.0, 5.5]), goal, "walking")
     assert not sample.reached(np.array([160.0, 10.0, 5.0, 20.0, 5.0]), goal, "turning")   # 19 degrees
+
+
+def test_a_walking_goal_from_a_walled_in_start_moves_to_the_next_world():
+    cfg = iwm.Config()
+    # World 51036 starts in a pit that no walk of 100 directions gets out of: this used to end
+    # `sample.py --plan --goal_seed 50000` in a traceback at its 37th walking goal.
+    world, frame, goal = sample.make_goal(51036, "walking", cfg)
+    assert not np.allclose(world.pos, pd.World(51036).pos) and frame.shape == (64, 64, 3)
+    assert np.linalg.norm(goal[2:] - world.pos) > 0.7 * pd.WALK * sample.GOAL_STEPS * cfg.frame_skip
+    world, _, _ = sample.make_goal(21000, "walking", cfg)                  # an open start stays where it is
+    np.testing.assert_allclose(world.pos, pd.World(21000).pos)
 
 
 def test_sample_py_plan_probe_and_surprise_write_their_results(builtin_dataset, tmp_path):
@@ -1071,11 +1082,13 @@ def test_leftovers_of_killed_runs_are_cleaned_and_unpaired_files_reported(builti
 def test_an_unwritable_output_folder_is_one_clear_line(builtin_dataset, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    code, out = run_script("iwm.py", "--size", "tiny", "--data", builtin_dataset, "--out_dir", blocker / "run",
-                           "--steps", "1")
-    assert code == 1 and str(blocker / "run") in out and "Traceback" not in out, out
+    for out_dir in (blocker, blocker / "run"):          # the file itself, or a folder below it
+        code, out = run_script("iwm.py", "--size", "tiny", "--data", builtin_dataset, "--out_dir", out_dir,
+                               "--steps", "1", "--eval_horizon", "2")
+        assert code == 1 and f"{blocker}: is a file, but a folder is needed there" in out, out
+        assert "Traceback" not in out, out
     code, out = run_script("prepare_data.py", "--synthetic", "1", "--out", blocker / "data")
-    assert code == 1 and str(blocker / "data") in out and "Traceback" not in out, out
+    assert code == 1 and f"{blocker}: is a file, but a folder is needed there" in out and "Traceback" not in out, out
 
 
 @pytest.fixture
