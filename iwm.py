@@ -883,11 +883,17 @@ def choose_hardware(cfg, local_rank=0, say=print):
     and later, e.g. the RTX 3060), else fp16 with a gradient scaler; on a CPU bf16 only with bf16
     matmul instructions (AVX512-BF16 or AMX; emulated bf16 is slower than fp32). cfg.dtype
     records the choice, so that a resumed run keeps it."""
-    device = torch.device(cfg.device if cfg.device != "auto" else f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
     reason = "as set by --dtype or the checkpoint"
     if cfg.dtype == "auto":
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+        if device.type == "cuda":
+            bf16 = torch.cuda.is_bf16_supported()
+        else:       # private checks in torch.cpu; a build without them counts as "no bf16"
+            probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+            bf16 = any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
         cfg.dtype = "bfloat16" if bf16 else "float16" if device.type == "cuda" else "float32"
         reason = f"the {'GPU' if device.type == 'cuda' else 'CPU'} {'has' if bf16 else 'lacks'} bf16 support"
     say(f"device: {device}; precision: {cfg.dtype} ({reason})")
