@@ -729,6 +729,8 @@ def fit(cfg):
         else f"{ckpt_path} is at step {step} already: raise --steps to train on")
     if stopping:
         say(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
+        # the shell's convention: 128 + the signal's number (130 Ctrl-C, 143 SIGTERM); 130 when
+        # the request came from another process
         raise SystemExit(128 + requests[0] if requests else 130)
     return model, metrics
 
@@ -775,9 +777,12 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
         target_std.append(targets[:, 0].std(dim=0).mean().item())           # across the batch
         if i < psnr_windows:
             b, horizon = min(psnr_windows - i, len(f)), a.shape[1]
+
+            def draw(latents):                              # (b, horizon, N, D) -> (b, horizon, 3, H, W)
+                return model.decoder.draw(latents[:b].flatten(0, 1), euler_steps, generator).unflatten(0, (b, horizon))
+
             with autocast:
-                drawn, rebuilt = (model.decoder.draw(z[:b].flatten(0, 1), euler_steps, generator).unflatten(0, (b, horizon))
-                                  for z in (predicted, targets[:, 1:]))
+                drawn, rebuilt = draw(predicted), draw(targets[:, 1:])      # this order: the same noise each eval
             truth, start = normalize_frames(f[:b, 1:], model.cfg.image_size), normalize_frames(f[:b, :1], model.cfg.image_size)
             for key, value in (("psnr_prediction", psnr(drawn, truth)), ("psnr_reconstruction", psnr(rebuilt, truth)),
                                ("psnr_repeat_start", psnr(start, truth)), ("sharp_prediction", sharpness(drawn)),
