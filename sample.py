@@ -477,16 +477,30 @@ def parse_args(argv):
     return args
 
 
+def load_model(args):
+    """The checkpoint's world model on the chosen device, in eval mode; its state and Config."""
+    iwm.check_device(args.device)
+    state = iwm.load_checkpoint(args.ckpt)
+    cfg = iwm.saved_config(state, **({"data": args.data} if args.data else {}), device=args.device)
+    args.device = iwm.choose_hardware(cfg, say=lambda text: None)[0]   # and cfg.dtype, for planning
+    model = iwm.WorldModel(cfg)
+    iwm.load_model_state(model, state, args.ckpt)
+    return state, cfg, model.to(args.device).eval()
+
+
+def read_video(path, cfg):
+    """A raw VPT pair as one episode, converted on the fly by prepare_data's converter."""
+    jsonl = path[:-len(".mp4")] + ".jsonl"
+    if not path.endswith(".mp4") or not os.path.exists(jsonl):
+        raise ValueError(f"{path}: expected a <stem>.mp4 with its <stem>.jsonl beside it")
+    frames, actions, _ = prepare_data.read_episode(path, jsonl, cfg.image_size)
+    return {"frames": frames, "actions": actions}
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        iwm.check_device(args.device)
-        state = iwm.load_checkpoint(args.ckpt)
-        cfg = iwm.saved_config(state, **({"data": args.data} if args.data else {}), device=args.device)
-        args.device = iwm.choose_hardware(cfg, say=lambda text: None)[0]   # and cfg.dtype, for planning
-        model = iwm.WorldModel(cfg)
-        iwm.load_model_state(model, state, args.ckpt)
-        model.to(args.device).eval()
+        state, cfg, model = load_model(args)
         args.euler_steps = args.euler_steps or cfg.euler_steps
         out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples")
         os.makedirs(out, exist_ok=True)
@@ -495,13 +509,8 @@ def main(argv=None):
             name, results = run_planning(model, cfg, args, out)
         elif args.surprise:
             name, results = run_surprise(model, cfg, args)
-        elif args.video:                 # a raw VPT pair, converted on the fly by prepare_data's converter
-            jsonl = args.video[:-len(".mp4")] + ".jsonl"
-            if not args.video.endswith(".mp4") or not os.path.exists(jsonl):
-                raise ValueError(f"{args.video}: expected a <stem>.mp4 with its <stem>.jsonl beside it")
-            frames, actions, _ = prepare_data.read_episode(args.video, jsonl, cfg.image_size)
-            episode = {"frames": frames, "actions": actions}
-            name, results = run_rollouts(model, cfg, [episode], args, out)
+        elif args.video:
+            name, results = run_rollouts(model, cfg, [read_video(args.video, cfg)], args, out)
         else:
             _, train_episodes, val_episodes = iwm.open_dataset(cfg)
             name, results = (run_probes(model, cfg, train_episodes, val_episodes, args) if args.probe
@@ -510,7 +519,7 @@ def main(argv=None):
         with open(path + ".tmp", "w") as f:                 # written whole or not at all
             json.dump({"checkpoint": args.ckpt, "step": state["step"], **results}, f, indent=1)
         os.replace(path + ".tmp", path)
-        print(f"wrote {path}" + (f" and the GIFs beside it" if args.n and name in ("metrics", "plan") else ""))
+        print(f"wrote {path}" + (" and the GIFs beside it" if args.n and name in ("metrics", "plan") else ""))
     except (iwm.CheckpointError, ValueError, prepare_data.EpisodeError) as e:
         raise SystemExit(f"error: {e}")
     except OSError as e:
