@@ -1089,6 +1089,8 @@ def test_an_unwritable_output_folder_is_one_clear_line(builtin_dataset, tmp_path
         assert "Traceback" not in out, out
     code, out = run_script("prepare_data.py", "--synthetic", "1", "--out", blocker / "data")
     assert code == 1 and f"{blocker}: is a file, but a folder is needed there" in out and "Traceback" not in out, out
+    # a folder that exists where a new one was to go is said plainly (and the search for a file ends at /)
+    assert pd.describe(FileExistsError(17, "File exists", str(tmp_path))) == f"{tmp_path}: File exists"
 
 
 @pytest.fixture
