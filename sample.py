@@ -346,7 +346,7 @@ def make_goal(seed, kind, cfg):
             if kind == "turning" or np.linalg.norm(goal_world.pos - world.pos) > 0.7 * prepare_data.WALK * ticks:
                 return world, prepare_data.dataset_frame(goal_world.frame(), cfg.image_size), goal_world.state()
             world.yaw = float(rng.uniform(-180, 180))         # a blocked walk is no walk: turn elsewhere
-    raise RuntimeError(f"worlds {seed} to {world_seed}: no direction to walk in from the start")
+    raise ValueError(f"worlds {seed} to {world_seed}: no direction to walk in from the start; try another --goal_seed")
 
 
 def reached(state, goal, kind):
