@@ -328,25 +328,33 @@ def plan(model, start, goal, history, horizon, init=None, generator=None, iterat
 def make_goal(seed, kind, cfg):
     """A start (the world) and a goal: what the player sees after a hidden sequence of turning
     (30-80 degrees of yaw, up to 20 of pitch) or walking (GOAL_STEPS steps forward with up to 30
-    degrees of turn; redrawn if a tree or cliff blocks the walk, and a start walled in on every
-    side moves to the next world, seed + 1,000,000). Returns (world, goal frame, goal state)."""
-    ticks = GOAL_STEPS * cfg.frame_skip
+    degrees of turn). A start walled in on every side moves to the next world, seed + 1,000,000.
+    Returns (world, goal frame, goal state)."""
     for world_seed in range(seed, seed + 10_000_000, 1_000_000):
-        rng, world = np.random.default_rng(world_seed), prepare_data.World(world_seed)
-        world.pitch = float(rng.uniform(-15, 25))
-        for _ in range(100):
-            if kind == "turning":
-                yaw, pitch, forward = rng.choice([-1, 1]) * rng.uniform(30, 80), rng.uniform(-20, 20), 0.0
-            else:
-                yaw, pitch, forward = rng.uniform(-30, 30), rng.uniform(-5, 5), 1.0
-            goal_world = copy.deepcopy(world)
-            for row in controls_to_rows(torch.tensor([[yaw / ticks, pitch / ticks, forward]] * GOAL_STEPS),
-                                        cfg.frame_skip).numpy():
-                goal_world.step(prepare_data.input_from_action(row))
-            if kind == "turning" or np.linalg.norm(goal_world.pos - world.pos) > 0.7 * prepare_data.WALK * ticks:
-                return world, prepare_data.dataset_frame(goal_world.frame(), cfg.image_size), goal_world.state()
-            world.yaw = float(rng.uniform(-180, 180))         # a blocked walk is no walk: turn elsewhere
+        goal = goal_in_world(world_seed, kind, cfg)
+        if goal is not None:
+            return goal
     raise ValueError(f"worlds {seed} to {world_seed}: no direction to walk in from the start; try another --goal_seed")
+
+
+def goal_in_world(seed, kind, cfg):
+    """make_goal in the world of this seed, or None if no walk of 100 directions gets away from
+    the start (a walk that a tree or cliff blocks is redrawn in another direction)."""
+    rng, world = np.random.default_rng(seed), prepare_data.World(seed)
+    world.pitch = float(rng.uniform(-15, 25))
+    ticks = GOAL_STEPS * cfg.frame_skip
+    for _ in range(100):
+        if kind == "turning":
+            yaw, pitch, forward = rng.choice([-1, 1]) * rng.uniform(30, 80), rng.uniform(-20, 20), 0.0
+        else:
+            yaw, pitch, forward = rng.uniform(-30, 30), rng.uniform(-5, 5), 1.0
+        goal_world = copy.deepcopy(world)
+        for row in controls_to_rows(torch.tensor([[yaw / ticks, pitch / ticks, forward]] * GOAL_STEPS), cfg.frame_skip).numpy():
+            goal_world.step(prepare_data.input_from_action(row))
+        if kind == "turning" or np.linalg.norm(goal_world.pos - world.pos) > 0.7 * prepare_data.WALK * ticks:
+            return world, prepare_data.dataset_frame(goal_world.frame(), cfg.image_size), goal_world.state()
+        world.yaw = float(rng.uniform(-180, 180))             # a blocked walk is no walk: turn elsewhere
+    return None
 
 
 def reached(state, goal, kind):
