@@ -917,10 +917,10 @@ def describe(error):
     if isinstance(error, TimeoutError) or "timed out" in str(error):
         return "no answer in time (timed out)"
     if isinstance(error, (FileExistsError, NotADirectoryError)) and error.filename:
-        blocking = error.filename        # the file that stands where a folder must go
-        while blocking and not os.path.isfile(blocking) and os.path.dirname(blocking) != blocking:
-            blocking = os.path.dirname(blocking)
-        if blocking and os.path.isfile(blocking):
+        blocking = error.filename        # the file that stands where a folder must go, if any:
+        while not os.path.isfile(blocking) and os.path.dirname(blocking) not in ("", blocking):
+            blocking = os.path.dirname(blocking)         # up to the first folder, or to "/"
+        if os.path.isfile(blocking):
             return f"{blocking}: is a file, but a folder is needed there"
     return f"{error.filename}: {error.strerror or error}" if getattr(error, "filename", None) else str(error)
 
