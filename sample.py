@@ -102,31 +102,30 @@ def run_rollouts(model, cfg, episodes, args, out):
         print(f"{row['h']:2d} | {row['pred_copy']:16.3f} | {row['psnr_prediction']:15.2f} | "
               f"{row['psnr_repeat_start']:12.2f} | {row['psnr_reconstruction']:14.2f} | {row['sharpness']:9.2f}")
     print(f"action sensitivity {metrics['action_sensitivity']:.2f}, target std {metrics['target_std']:.3f}")
-    scripts = args.actions
     for i, (episode, start) in enumerate(tqdm(sampler.sample_positions(args.n, torch.Generator().manual_seed(args.seed + 1)),
                                               desc="rollout GIFs", unit="gif")):
         frames, recorded = (torch.from_numpy(x)[None].to(args.device) for x in sampler.window_at(episode, start))
         n_rows = args.horizon * cfg.frame_skip
         truth = to_pixels(iwm.normalize_frames(frames[0], cfg.image_size))
         panels, labels, rows = [truth], ["true future"], [np.array(episode["actions"][start:start + n_rows])]
-        runs = [("predicted", recorded, rows[0])] + [("reconstruction", None, rows[0])] * (not scripts)
-        for script in scripts:        # the recorded history before the start, the script from the start on
-            script_rows = np.zeros((n_rows, len(ACTION_COLUMNS)), np.float32)
-            for column, value in SCRIPTS[script].items():
-                script_rows[:, COLUMN[column]] = value
-            history = np.concatenate([np.asarray(episode["actions"][:start], np.float32), script_rows])
-            windows = [iwm.action_window(history, start + (k + 1) * cfg.frame_skip, cfg.action_window) for k in range(args.horizon)]
-            runs.append((script, torch.from_numpy(np.stack(windows))[None].to(args.device), script_rows))
+        history = torch.from_numpy(iwm.action_window(episode["actions"], start, cfg.action_window)).to(args.device)
         with torch.no_grad():
             start_latent, targets = model.encode(frames[:, :1])[:, 0], model.encode_target(frames)[0]   # (1, N, D), (S, N, D)
-            for label, window_actions, action_rows in runs:
-                latents = targets[1:] if window_actions is None else \
-                    model.rollout(start_latent, window_actions, targets[:1])[0]
+            runs = [("predicted", model.rollout(start_latent, recorded, targets[:1])[0], rows[0])]
+            if not args.actions:
+                runs.append(("reconstruction", targets[1:], rows[0]))
+            for script in args.actions:   # the recorded rows before the start, the script from the start on
+                script_rows = np.zeros((n_rows, len(ACTION_COLUMNS)), np.float32)
+                for column, value in SCRIPTS[script].items():
+                    script_rows[:, COLUMN[column]] = value
+                latents = imagine(model, (start_latent[0], targets[0]), history, torch.from_numpy(script_rows)[None])[0]
+                runs.append((script, latents, script_rows))
+            for label, latents, action_rows in runs:
                 drawn = model.decoder.draw(latents, args.euler_steps, torch.Generator(args.device).manual_seed(args.seed))
                 panels.append(np.concatenate([truth[:1], to_pixels(drawn)]))
                 labels.append(label)
                 rows.append(action_rows)
-        compose_gif(os.path.join(out, f"rollout_{i}" + "".join(f"_{s}" for s in scripts) + ".gif"), panels, labels,
+        compose_gif(os.path.join(out, f"rollout_{i}" + "".join(f"_{s}" for s in args.actions) + ".gif"), panels, labels,
                     rows, cfg.frame_skip, args.scale)
     return "metrics", {"windows": args.windows, "euler_steps": args.euler_steps, "per_horizon": table,
                        **{k: metrics[k] for k in ("action_sensitivity", "target_std")}}
