@@ -7,7 +7,7 @@ detached latents (it never shapes them), turns latents back into pictures to wat
 
     frame t --encoder--> tokens --action_conditioner(last 25 actions)--> --predictor--> tokens of t+1
     frame t+1 --target_encoder (EMA copy of the encoder)--> target tokens; loss = MSE per token
-    tokens --decoder (rectified flow, diffusion time t, Euler steps from noise)--> frame
+    tokens + the last real frame --decoder (rectified flow, Euler steps from noise)--> frame
 
 Notable choices (docs/faults.md: the original's faults they fix; docs/experiments.md: what each
 measured change bought):
@@ -18,7 +18,8 @@ measured change bought):
     "nothing changes", exactly the baseline every result is compared with
   - the loss covers an open-loop rollout and teacher-forced steps (V-JEPA 2-AC) and weighs each
     window by how much its view changes, so that big turns do not drown out the rest
-  - the decoder is a DiT with adaLN-Zero that draws each latent token into that token's own patch
+  - the decoder is a DiT with adaLN-Zero that draws from the last real frame (a rollout's start)
+    and each latent token into its own patch, told how far to trust a predicted latent
   - every evaluation reports pred/copy, action sensitivity, the collapse watch, and the PSNR
     and sharpness of decoded predictions next to "nothing moves"
 
@@ -86,6 +87,8 @@ class Config:
     data: str = "data/builtin"       # a dataset folder made by prepare_data.py (built if missing)
     frame_skip: int = 4              # raw frames per model step (VPT is 20 fps: 4 -> 0.2 s)
     action_window: int = 25          # K: per-frame actions the conditioner sees for one step
+    context_gap: int = 16            # the decoder learns to draw a frame 1..this model steps after a
+                                     # real one it sees (a rollout's start frame, 16 steps back at most)
     # --- training ---
     steps: int = 3000                # optimizer steps in total (--resume continues up to this)
     batch_size: int = 32             # windows per micro-batch
@@ -135,47 +138,6 @@ PRESETS = {
                  decoder_width=768, decoder_depth=12, decoder_heads=8, decoder_mlp_ratio=5.0,
                  batch_size=8, grad_accum=4, lr=3e-4, grad_ckpt=True),
 }
-MODEL_FIELDS = ["image_size", "patch_size", "width", "heads", "encoder_depth", "encoder_mlp_ratio", "conditioner_depth",
-                "conditioner_mlp_ratio", "predictor_depth", "predictor_mlp_ratio", "decoder_width", "decoder_depth",
-                "decoder_heads", "decoder_mlp_ratio"]         # the fields that shape the weights
-MAY_BE_ZERO = {"warmup_steps", "weight_decay", "bench", "eval_psnr_windows"}
-FRACTIONS = {"min_lr_ratio", "ema_start", "ema_end"}
-
-
-def check_config(cfg):
-    """Refuse settings that make no sense before any work starts, naming the flag and its range."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.type not in (int, float) or f.name == "seed":
-            continue
-        ok, rule = ((0 <= value <= 1, "between 0 and 1") if f.name in FRACTIONS else
-                    (value >= 0, "0 or more") if f.name in MAY_BE_ZERO else
-                    (value > 0, "at least 1" if f.type is int else "above 0"))
-        if not ok:
-            raise ValueError(f"--{f.name} {value}: must be {rule}")
-    for width, heads in (("width", "heads"), ("decoder_width", "decoder_heads")):
-        if getattr(cfg, width) % getattr(cfg, heads) or getattr(cfg, width) % 4:   # 2-D positions: 4 parts
-            raise ValueError(f"--{width} {getattr(cfg, width)}: must be divisible by 4 and by --{heads} "
-                             f"{getattr(cfg, heads)}")
-    if cfg.image_size % cfg.patch_size:
-        raise ValueError(f"--image_size {cfg.image_size}: must be divisible by --patch_size {cfg.patch_size}")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {cfg.dtype}: choose one of auto, float32, bfloat16, float16")
-    if cfg.size not in PRESETS:
-        raise ValueError(f"--size {cfg.size}: choose one of auto, {', '.join(PRESETS)}")
-    check_device(cfg.device)
-
-
-def check_device(device):
-    """auto, cpu, cuda or cuda:N, and a CUDA device only where the machine has it."""
-    if device not in ("auto", "cpu"):
-        index, count = device.removeprefix("cuda").removeprefix(":"), torch.cuda.device_count()
-        if not device.startswith("cuda") or not (index == "" or index.isdigit()):
-            raise ValueError(f"--device {device}: choose auto, cpu, cuda or cuda:N")
-        if int(index or 0) >= count:
-            raise ValueError(f"--device {device}: this machine has {count} CUDA GPUs; use --device cpu")
-
-
 # -----------------------------------------------------------------------------
 # Small helpers
 
@@ -379,6 +341,9 @@ def rectified_flow_sample(velocity, shape, euler_steps, generator=None, device="
 
 
 MIN_T = 0.05   # floor of t when a velocity is derived from a predicted clean image
+MAX_LATENT_NOISE = 1.0   # the decoder learns with latent noise up to this std: the latents have unit
+                         # variance per token, and the predictor's RMS error stays below ~0.7
+MEASURED_STEPS = 16      # rollout steps whose latent error is measured (later steps reuse the last)
 
 
 def timestep_embedding(t, dim):
@@ -411,21 +376,27 @@ class DecoderBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Predicts the clean frame from a noisy one, given the frame's latent tokens.
+    """Predicts the clean frame from a noisy one, given the frame's latent tokens, an earlier real
+    frame (the context: in a rollout, its start frame) and how noisy the latent is.
 
-    Latent token i belongs to image patch i (same grid), so it is added to the i-th noisy
-    patch token and read out into patch i: that is where the decoder must draw what it
-    encodes. Their mean, summed with the time embedding, conditions every block through
-    adaLN-Zero (DiT's summed vector)."""
+    As in every frame-generating world model (DIAMOND, GameNGen), the decoder draws from the last
+    real frame, and the latent says what changed. A predicted latent is the average of the futures
+    the predictor cannot tell apart, not a target latent; the decoder learns on target latents
+    noised by a random amount it is told (RAE's noise-augmented decoding), and at sampling time it
+    is told the predictor's measured error: it trusts a far prediction less and the context more.
+    Latent token i and context patch i belong to image patch i (same grid): both are added to the
+    i-th noisy patch token, and token i is read out into patch i. The latents' mean, summed with
+    the embedding of t and the noise level, conditions every block (adaLN-Zero, DiT)."""
 
     def __init__(self, cfg):
         super().__init__()
         E, p = cfg.decoder_width, cfg.patch_size
         self.patch_size, self.grid = p, cfg.image_size // p
         self.patch_in = nn.Linear(3 * p * p, E)
+        self.context_in = nn.Linear(3 * p * p, E)
         self.latent_in = nn.Linear(cfg.width, E)
         self.register_buffer("positions", sincos_positions_2d(self.grid, E), persistent=False)
-        self.time_mlp = nn.Sequential(nn.Linear(256, E), nn.SiLU(), nn.Linear(E, E))
+        self.time_mlp = nn.Sequential(nn.Linear(512, E), nn.SiLU(), nn.Linear(E, E))   # t and noise level
         self.latent_pool = nn.Linear(cfg.width, E)
         self.blocks = nn.ModuleList(DecoderBlock(E, cfg.decoder_heads, cfg.decoder_mlp_ratio)
                                     for _ in range(cfg.decoder_depth))
@@ -465,25 +436,23 @@ class Decoder(nn.Module):
         x = patches.reshape(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)    # (B, 3, g, p, g, p)
         return x.reshape(B, 3, g * p, g * p)                               # (B, 3, H, W)
 
-    def forward(self, noisy, t, latent):                       # (B, 3, H, W), (B,), (B, N, D)
-        x = self.patch_in(self.patchify(noisy))                # (B, N, E)
+    def forward(self, noisy, t, latent, context, latent_noise):   # (B, 3, H, W), (B,), (B, N, D), (B, 3, H, W), (B,)
+        x = self.patch_in(self.patchify(noisy)) + self.context_in(self.patchify(context))    # (B, N, E)
         x = x + self.latent_in(latent) + self.positions        # (B, N, E) patch i gets token i
-        c = self.time_mlp(timestep_embedding(t, 256)) + self.latent_pool(latent.mean(dim=1))   # (B, E)
+        times = torch.cat([timestep_embedding(t, 256), timestep_embedding(latent_noise, 256)], dim=1)
+        c = self.time_mlp(times) + self.latent_pool(latent.mean(dim=1))                       # (B, E)
         x = run_blocks(self.blocks, x, c, checkpoint=self.grad_ckpt)   # (B, N, E)
         shift, scale = self.final_modulation(c).chunk(2, dim=1)
         x = self.patch_out(modulate(self.final_norm(x), shift, scale)) + self.readout(latent)  # (B, N, p*p*3)
         return self.unpatchify(x)                              # (B, 3, H, W) predicted clean image
 
-    def velocity(self, noisy, t, latent):
-        """v = (x_t - x_0) / t from the predicted x_0; t is floored at MIN_T so the division
-        stays tame near the data end (JiT does the same)."""
-        clean = self(noisy, t, latent)
-        return (noisy - clean) / t.clamp_min(MIN_T)[:, None, None, None]
+    def draw(self, latent, context, latent_noise, euler_steps, generator=None):   # -> (B, 3, H, W) in [-1, 1]
+        """Euler steps with v = (x_t - x_0) / t from the predicted x_0; t is floored at MIN_T so
+        the division stays tame near the data end (JiT does the same)."""
+        def velocity(x, t):
+            return (x - self(x, t, latent, context, latent_noise)) / t.clamp_min(MIN_T)[:, None, None, None]
 
-    def draw(self, latent, euler_steps, generator=None):       # (B, N, D) -> (B, 3, H, W) in [-1, 1]
-        size = self.grid * self.patch_size
-        images = rectified_flow_sample(lambda x, t: self.velocity(x, t, latent),
-                                       (latent.shape[0], 3, size, size), euler_steps, generator, latent.device)
+        images = rectified_flow_sample(velocity, context.shape, euler_steps, generator, latent.device)
         return images.clamp(-1, 1)
 
 
@@ -509,6 +478,9 @@ class WorldModel(nn.Module):
         self.target_encoder = copy.deepcopy(self.encoder)      # EMA copy, never trained directly
         self.target_encoder.requires_grad_(False)
         self.decoder = Decoder(cfg)                            # reads detached latents only
+        # The predictor's RMS latent error at rollout steps 1..16, measured on training windows at
+        # each evaluation and saved with the weights: how far the decoder may trust a prediction
+        self.register_buffer("latent_error", torch.zeros(MEASURED_STEPS))
 
     def train(self, mode=True):
         super().train(mode)
@@ -540,8 +512,9 @@ class WorldModel(nn.Module):
             predictions.append(latent)
         return torch.stack(predictions, dim=1)
 
-    def forward(self, frames, actions):                        # (B, R+1, H, W, 3), (B, R, K, A)
-        """Training loss = JEPA loss + decoder loss. Also returns the parts, for logging."""
+    def forward(self, frames, actions, context):               # (B, R+1, H, W, 3), (B, R, K, A), (B, H, W, 3)
+        """Training loss = JEPA loss + decoder loss. Also returns the parts, for logging. context:
+        a real frame 1..context_gap steps before frames[:, 1], the frame the decoder learns to draw."""
         assert frames.shape[1] == actions.shape[1] + 1, "need one more frame than action windows"
         B, R = actions.shape[:2]
         # Step 1: targets from the EMA encoder (no gradient, eval mode), the start frame's too
@@ -555,11 +528,13 @@ class WorldModel(nn.Module):
                            dim=1).mean(dim=(1, 2))                                              # (B,)
         change = jepa_loss(targets[:, :1], targets[:, 1:]).mean(dim=(1, 2))   # (B,) the error of "nothing changes"
         world_loss = (errors * window_weights(change)).mean()
-        # Step 2b: the decoder learns to draw one future frame per window from its target latent,
-        # detached: no decoder gradient reaches the JEPA (DINO-WM and LeWM plan worse when it does)
-        rows, step = torch.arange(B, device=frames.device), torch.randint(R, (B,), device=frames.device)
-        image = normalize_frames(frames[rows, step + 1], self.cfg.image_size)        # (B, 3, H, W)
-        decoder_loss = rectified_flow_loss(lambda x, t: self.decoder(x, t, targets[rows, step + 1]), image).mean()
+        # Step 2b: the decoder learns to draw frame 1 from the context frame and its target latent,
+        # noised by a random amount it is told. Detached: no decoder gradient reaches the JEPA
+        # (DINO-WM and LeWM plan worse when it does)
+        noise = MAX_LATENT_NOISE * torch.rand(B, device=frames.device)                # (B,)
+        latent = targets[:, 1] + noise[:, None, None] * torch.randn_like(targets[:, 1])   # (B, N, D)
+        image, context = (normalize_frames(x, self.cfg.image_size) for x in (frames[:, 1], context))
+        decoder_loss = rectified_flow_loss(lambda x, t: self.decoder(x, t, latent, context, noise), image).mean()
         return world_loss + decoder_loss, {"world_loss": world_loss.detach(), "decoder_loss": decoder_loss.detach()}
 
     @torch.no_grad()
@@ -615,13 +590,13 @@ class WindowSampler:
     """Uniformly random windows of horizon + 1 frames, frame_skip apart, and for each model step
     the action window of that transition (docs/data.md, "Time")."""
 
-    def __init__(self, episodes, horizon, cfg):
+    def __init__(self, episodes, horizon, cfg, flag="--rollout"):
         span = horizon * cfg.frame_skip
         self.episodes = [e for e in episodes if len(e["frames"]) > span]
         if not self.episodes:
-            raise ValueError(f"no episode is longer than {span} frames ({horizon} model steps of "
-                             f"--frame_skip {cfg.frame_skip}): record longer episodes or ask for fewer steps")
-        self.horizon, self.frame_skip, self.window = horizon, cfg.frame_skip, cfg.action_window
+            raise ValueError(f"no episode is longer than {span} frames ({flag} {horizon} model steps of "
+                             f"--frame_skip {cfg.frame_skip}): lower {flag} or use longer episodes")
+        self.horizon, self.frame_skip, self.window, self.context_gap = horizon, cfg.frame_skip, cfg.action_window, cfg.context_gap
         starts_per_episode = torch.tensor([len(e["frames"]) - span for e in self.episodes])
         self.first_start = torch.cumsum(starts_per_episode, 0) - starts_per_episode
         self.total = int(starts_per_episode.sum())
@@ -640,10 +615,16 @@ class WindowSampler:
         return [(self.episodes[e], int(f - self.first_start[e])) for e, f in zip(which.tolist(), flat)]
 
     def sample(self, batch_size, generator=None):
-        windows = [self.window_at(episode, start) for episode, start in self.sample_positions(batch_size, generator)]
+        """Windows, and the decoder's context frame for each: 1..context_gap model steps before its
+        frame 1 (at the episode's first frame at the earliest)."""
+        positions = self.sample_positions(batch_size, generator)
+        windows = [self.window_at(episode, start) for episode, start in positions]
+        gaps = torch.randint(1, self.context_gap + 1, (batch_size,), generator=generator).tolist()
         frames = torch.from_numpy(np.stack([w[0] for w in windows]))     # (B, S, H, W, 3)
         actions = torch.from_numpy(np.stack([w[1] for w in windows]))    # (B, S-1, K, A)
-        return frames, actions
+        context = torch.from_numpy(np.stack([episode["frames"][max(start + (1 - gap) * self.frame_skip, 0)]
+                                             for (episode, start), gap in zip(positions, gaps)]))   # (B, H, W, 3)
+        return frames, actions, context
 
 
 def open_dataset(cfg):
@@ -670,7 +651,7 @@ def fit(cfg):
     say = print if rank == 0 else (lambda *args, **kwargs: None)     # only rank 0 talks and writes
     device, dtype = choose_hardware(cfg, local_rank, say)
     torch.manual_seed(cfg.seed)
-    sampler, val_frames, val_actions, ckpt_path = prepare_run(cfg, say)
+    sampler, val_frames, val_actions, error_windows, ckpt_path = prepare_run(cfg, say)
     model = WorldModel(cfg).to(device)     # the same seed in every process: the same initial weights
     say("parameters: " + ", ".join(f"{part} {n / 1e6:.2f}M" for part, n in count_parameters(model).items()))
     optimizer, scaler = make_optimizer(model, cfg, device.type, dtype)
@@ -694,13 +675,15 @@ def fit(cfg):
                 group["lr"] = lr * group["lr_scale"]
             # Steps 1 and 2 (in WorldModel.forward): targets from the EMA encoder, predictions, loss
             loss, world_loss = accumulate_gradients(trained, sampler, scaler, autocast, device, cfg, world_size)
-            loss, world_loss, stops = sum_over_processes([loss, world_loss, len(requests)], world_size)
-            loss, world_loss, stopping = loss / world_size, world_loss / world_size, stops > 0
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {step}; stopping without saving, so "
-                                         f"{ckpt_path} holds the last good state. Try a lower --lr or --dtype float32")
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # The step's one wait for the device: the numbers to log and any stop request, averaged
+            # over the processes so that all log the same loss and stop after the same step
+            loss, world_loss, grad_norm, stops = mean_over_processes([loss, world_loss, grad_norm, len(requests)],
+                                                                     device, world_size)
+            stopping = stops > 0
+            if not math.isfinite(loss):
+                raise FloatingPointError(non_finite_loss(loss, step, ckpt_path, dtype))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -711,7 +694,9 @@ def fit(cfg):
             bar.update(1)
             bar.set_postfix(world=f"{world_loss:.4f}", decoder=f"{loss - world_loss:.4f}")
             record = {"step": step, "loss": loss, "world_loss": world_loss, "decoder_loss": loss - world_loss,
-                      "lr": lr, "grad_norm": grad_norm.item(), "samples_per_s": speeds[-1]}
+                      "lr": lr, "grad_norm": grad_norm, "samples_per_s": speeds[-1]}
+            if step % cfg.eval_every == 0 or step == cfg.steps:      # in every process: saved with the weights
+                measure_latent_error(model, *error_windows, device, autocast)   # the decoder's trust
             if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
                 metrics = evaluate(model, val_frames, val_actions, device, autocast, cfg.eval_psnr_windows,
                                    cfg.euler_steps)
@@ -725,6 +710,7 @@ def fit(cfg):
                 log.flush()
     if world_size > 1:
         dist.destroy_process_group()
+    release_run_folder(cfg.out_dir)                       # another run may use the folder now
     say(f"{len(speeds)} steps: median {np.median(speeds):.1f} samples/s ({cfg.size}, {cfg.dtype})" if speeds
         else f"{ckpt_path} is at step {step} already: raise --steps to train on")
     if stopping:
@@ -738,6 +724,8 @@ def fit(cfg):
 # -----------------------------------------------------------------------------
 # Evaluation: the numbers every file reports the same way (docs/metrics.md)
 
+ERROR_WINDOWS = 32         # training windows on which the predictor's latent error is measured
+
 
 def psnr(images, reference):
     """PSNR in dB per image, for images in [-1, 1] (peak-to-peak 2): 10 log10(2^2 / MSE)."""
@@ -745,22 +733,70 @@ def psnr(images, reference):
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
 
 
+def grey(images):
+    """(..., 3, H, W) -> (..., H, W), luma weights (ITU-R BT.601)."""
+    return torch.einsum("...chw,c->...hw", images.float(), torch.tensor([0.299, 0.587, 0.114], device=images.device))
+
+
 def sharpness(images):
     """Variance of the Laplacian of the grey image, per image (a standard focus measure): blur
     lowers it, hard patch edges raise it. images (..., 3, H, W) -> (...)."""
-    grey = torch.einsum("...chw,c->...hw", images.float(), torch.tensor([0.299, 0.587, 0.114], device=images.device))
-    laplacian = (grey[..., :-2, 1:-1] + grey[..., 2:, 1:-1] + grey[..., 1:-1, :-2] + grey[..., 1:-1, 2:]
-                 - 4 * grey[..., 1:-1, 1:-1])
+    g = grey(images)
+    laplacian = g[..., :-2, 1:-1] + g[..., 2:, 1:-1] + g[..., 1:-1, :-2] + g[..., 1:-1, 2:] - 4 * g[..., 1:-1, 1:-1]
     return laplacian.flatten(-2).var(dim=-1)
 
 
+def ssim(images, reference):
+    """Structural similarity (Wang et al. 2004) of the grey images, per image: local means,
+    variances and covariance under an 11x11 Gaussian window (sigma 1.5), averaged over the
+    positions where the window fits. 1 is identical; blur and wrong edges lower it."""
+    # on [0, 1] (its luminance term assumes non-negative pixels), the usual constants for that range
+    x, y = ((grey(z).flatten(0, -3)[:, None] + 1) / 2 for z in (images, reference))         # (n, 1, H, W)
+    g = torch.exp(-(torch.arange(11, device=x.device) - 5.0) ** 2 / (2 * 1.5 ** 2))
+    window = (g[:, None] * g[None] / g.sum() ** 2)[None, None]                              # (1, 1, 11, 11)
+    mean_x, mean_y, xx, yy, xy = (F.conv2d(z, window) for z in (x, y, x * x, y * y, x * y))
+    var_x, var_y, cov = xx - mean_x ** 2, yy - mean_y ** 2, xy - mean_x * mean_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    value = (2 * mean_x * mean_y + c1) * (2 * cov + c2) / ((mean_x ** 2 + mean_y ** 2 + c1) * (var_x + var_y + c2))
+    return value.mean(dim=(1, 2, 3)).reshape(images.shape[:-3])
+
+
 @torch.no_grad()
-def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_steps=10, chunk=64):
+def measure_latent_error(model, frames, actions, device, autocast):
+    """The predictor's RMS latent error at each open-loop step 1..16 on training windows, stored
+    in model.latent_error: at sampling time the decoder is told it as the latent's noise level."""
+    with autocast:
+        targets = model.encode_target(frames.to(device)).float()                            # (b, 17, N, D)
+        predicted = model.rollout(model.encode(frames[:, :1].to(device))[:, 0], actions.to(device), targets[:, 0])
+    error = jepa_loss(predicted, targets[:, 1:]).mean(dim=(0, 2)).sqrt()                   # (steps,)
+    model.latent_error.copy_(torch.cat([error, error[-1:].expand(len(model.latent_error) - len(error))]))
+
+
+@torch.no_grad()
+def draw_rollout(model, latents, start, predicted, euler_steps, generator=None, chunk=256):
+    """Pictures of a rollout's latents (B, S, N, D) from its start frames (B, H, W, 3) uint8, which
+    the decoder sees as context: told the predictor's measured error at each step for predictions
+    (predicted=True), 0 for true target latents. Drawn chunk images at a time, to bound memory.
+    Returns (B, S, 3, H, W) in [-1, 1]."""
+    B, S = latents.shape[:2]
+    context = normalize_frames(start, model.cfg.image_size)[:, None].expand(-1, S, -1, -1, -1).flatten(0, 1)
+    steps = torch.arange(S, device=latents.device).clamp_max(len(model.latent_error) - 1)
+    noise = (model.latent_error[steps] if predicted else torch.zeros(S, device=latents.device)).repeat(B)
+    latents = latents.flatten(0, 1)
+    images = [model.decoder.draw(latents[i:i + chunk], context[i:i + chunk], noise[i:i + chunk], euler_steps, generator)
+              for i in range(0, B * S, chunk)]
+    return torch.cat(images).unflatten(0, (B, S))
+
+
+@torch.no_grad()
+def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_steps=10, chunk=16):
     """On fixed validation windows: val loss, pred/copy for h = 1..H, action sensitivity (error
     with actions shuffled across windows / with the true ones) and target std. The decoder also
     draws the first psnr_windows windows' futures from the predicted and from the target latents
-    (reconstruction): PSNR against the true frames per horizon, next to that of repeating the
-    start frame, and the sharpness of the drawn predictions relative to the true frames'."""
+    (reconstruction), and from the predictions with shuffled actions: PSNR and SSIM against the
+    true frames per horizon, next to those of repeating the start frame; the sharpness of the
+    drawn predictions relative to the true frames'; controllability, the PSNR with the true
+    actions minus that with shuffled ones (Genie's delta-t PSNR)."""
     was_training = model.training
     model.eval()
     errors, target_std, sums = torch.zeros(3, actions.shape[1]), [], {}    # predicted, copy, shuffled
@@ -774,25 +810,27 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
             shuffled = model.rollout(latent, a.roll(1, dims=0), targets[:, 0]).float()   # another window's actions
         for row, guess in enumerate([predicted, targets[:, :1], shuffled]):  # targets[:, :1]: "nothing changes"
             errors[row] += jepa_loss(guess, targets[:, 1:]).mean(-1).sum(0).cpu()
-        target_std.append(targets[:, 0].std(dim=0).mean().item())           # across the batch
+        target_std.append(targets[:, 0].std(dim=0).mean().cpu())            # across the batch
         if i < psnr_windows:
-            b, horizon = min(psnr_windows - i, len(f)), a.shape[1]
-
-            def draw(latents):                              # (b, horizon, N, D) -> (b, horizon, 3, H, W)
-                return model.decoder.draw(latents[:b].flatten(0, 1), euler_steps, generator).unflatten(0, (b, horizon))
-
-            with autocast:
-                drawn, rebuilt = draw(predicted), draw(targets[:, 1:])      # this order: the same noise each eval
-            truth, start = normalize_frames(f[:b, 1:], model.cfg.image_size), normalize_frames(f[:b, :1], model.cfg.image_size)
+            b = min(psnr_windows - i, len(f))
+            with autocast:                                   # this order: the same noise each eval
+                drawn, rebuilt, other = (draw_rollout(model, latents[:b], f[:b, 0], is_prediction, euler_steps, generator)
+                                         for latents, is_prediction in ((predicted, True), (targets[:, 1:], False),
+                                                                        (shuffled, True)))
+            truth = normalize_frames(f[:b, 1:], model.cfg.image_size)
+            start = normalize_frames(f[:b, :1], model.cfg.image_size).expand_as(truth)
             for key, value in (("psnr_prediction", psnr(drawn, truth)), ("psnr_reconstruction", psnr(rebuilt, truth)),
-                               ("psnr_repeat_start", psnr(start, truth)), ("sharp_prediction", sharpness(drawn)),
-                               ("sharp_truth", sharpness(truth))):
+                               ("psnr_repeat_start", psnr(start, truth)), ("ssim_prediction", ssim(drawn, truth)),
+                               ("ssim_reconstruction", ssim(rebuilt, truth)), ("ssim_repeat_start", ssim(start, truth)),
+                               ("controllability", psnr(drawn, truth) - psnr(other, truth)),
+                               ("sharp_prediction", sharpness(drawn)), ("sharp_truth", sharpness(truth))):
                 sums[key] = sums.get(key, 0) + value.sum(0).cpu()
     metrics = {"val_loss": (errors[0, :model.cfg.rollout].sum() / len(frames) / model.cfg.rollout).item(),
                "pred_copy": (errors[0] / errors[1]).tolist(), "action_sensitivity": (errors[2].sum() / errors[0].sum()).item(),
-               "target_std": float(np.mean(target_std))}
+               "target_std": torch.stack(target_std).mean().item()}
     if sums:
-        metrics.update({key: (sums[key] / min(psnr_windows, len(frames))).tolist() for key in sums if "psnr" in key})
+        metrics.update({key: (sums[key] / min(psnr_windows, len(frames))).tolist() for key in sums
+                        if not key.startswith("sharp")})
         metrics["sharpness"] = (sums["sharp_prediction"] / sums["sharp_truth"]).tolist()
     model.train(was_training)
     return metrics
@@ -807,8 +845,11 @@ def format_eval(step, metrics):
             f"target std {metrics['target_std']:.3f}")
     if "psnr_prediction" in metrics:
         text += (f"\n  PSNR dB h=1..: prediction {row('psnr_prediction', 1)} | repeat start {row('psnr_repeat_start', 1)}"
-                 f" | reconstruction {row('psnr_reconstruction', 1)}\n  sharpness (1 = as sharp as the truth) "
-                 f"h=1..: {row('sharpness', 2)}")
+                 f" | reconstruction {row('psnr_reconstruction', 1)}"
+                 f"\n  SSIM h=1..: prediction {row('ssim_prediction', 2)} | repeat start {row('ssim_repeat_start', 2)}"
+                 f" | reconstruction {row('ssim_reconstruction', 2)}"
+                 f"\n  sharpness (1 = as sharp as the truth) h=1..: {row('sharpness', 2)} | controllability dB "
+                 f"h=1..: {row('controllability', 1)}")
     return text
 
 
@@ -844,11 +885,15 @@ def load_checkpoint(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:      # torch's unpickling message suggests weights_only=False, which we never advise
         detail = ("not a file of plain tensors and numbers" if isinstance(e, pickle.UnpicklingError)
-                  else str(e).strip().splitlines()[0].split(". ")[0])
+                  else "an empty file" if os.path.getsize(path) == 0
+                  else (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0])
         raise CheckpointError(f"{path} cannot be read as a checkpoint ({detail}); it is truncated or not a "
-                              "checkpoint of this project") from None
+                              "checkpoint of this project: restore a good copy, or delete it and train again") from None
     if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
         raise CheckpointError(f"{path} is not an iwm.py checkpoint (no model, config or step in it)")
+    missing = [k for k in ["size"] + MODEL_FIELDS if k not in state["config"]]
+    if missing:
+        raise CheckpointError(f"{path}: its config lacks {', '.join(missing)}; was it written by another version of iwm.py?")
     return state
 
 
@@ -871,6 +916,9 @@ def load_model_state(model, state, path):
 def resume(path, model, optimizer, scaler, say):
     """Load the weights, EMA target and optimizer state of a run. Returns its step."""
     state = load_checkpoint(path)
+    if not {"optimizer", "scaler"} <= state.keys():
+        raise CheckpointError(f"{path} holds weights only (no optimizer state): sample.py reads it, but training "
+                              "cannot continue from it; start a new run with another --out_dir")
     load_model_state(model, state, path)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
@@ -879,30 +927,95 @@ def resume(path, model, optimizer, scaler, say):
 
 
 # -----------------------------------------------------------------------------
-# Training helpers: hardware, the data and the run folder, the optimizer, processes, the log, signals
+# Training helpers: the checks of the config, hardware, the data and the run folder, the optimizer,
+# processes, the log, signals
+
+
+MODEL_FIELDS = ["image_size", "patch_size", "width", "heads", "encoder_depth", "encoder_mlp_ratio", "conditioner_depth",
+                "conditioner_mlp_ratio", "predictor_depth", "predictor_mlp_ratio", "decoder_width", "decoder_depth",
+                "decoder_heads", "decoder_mlp_ratio"]         # the fields that shape the weights
+MAY_BE_ZERO = {"warmup_steps", "weight_decay", "bench", "eval_psnr_windows"}
+FRACTIONS = {"min_lr_ratio", "ema_start", "ema_end"}
+
+
+def check_config(cfg):
+    """Refuse settings that make no sense before any work starts, naming the flag and its range."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.type not in (int, float) or f.name == "seed":
+            continue
+        ok, rule = ((0 <= value <= 1, "between 0 and 1") if f.name in FRACTIONS else
+                    (value >= 0, "0 or more") if f.name in MAY_BE_ZERO else
+                    (value > 0, "at least 1" if f.type is int else "above 0"))
+        if not ok:
+            raise ValueError(f"--{f.name} {value}: must be {rule}")
+    for width, heads in (("width", "heads"), ("decoder_width", "decoder_heads")):
+        if getattr(cfg, width) % getattr(cfg, heads) or getattr(cfg, width) % 4:   # 2-D positions: 4 parts
+            raise ValueError(f"--{width} {getattr(cfg, width)}: must be divisible by 4 and by --{heads} "
+                             f"{getattr(cfg, heads)}")
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"--image_size {cfg.image_size}: must be divisible by --patch_size {cfg.patch_size}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {cfg.dtype}: choose one of auto, float32, bfloat16, float16")
+    if cfg.size not in PRESETS:
+        raise ValueError(f"--size {cfg.size}: choose one of auto, {', '.join(PRESETS)}")
+    check_device(cfg.device)
+
+
+def check_device(device):
+    """auto, cpu, cuda or cuda:N, and a CUDA device only where the machine has it."""
+    if device not in ("auto", "cpu"):
+        index, count = device.removeprefix("cuda").removeprefix(":"), torch.cuda.device_count()
+        if not device.startswith("cuda") or not (index == "" or index.isdigit()):
+            raise ValueError(f"--device {device}: choose auto, cpu, cuda or cuda:N")
+        if int(index or 0) >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA GPUs; use --device cpu")
 
 
 def choose_hardware(cfg, local_rank=0, say=print):
     """The device, and the autocast dtype from what the hardware supports (never from a timing,
-    so that every run of a command trains the same way): on a GPU bf16 where it has it (Ampere
-    and later, e.g. the RTX 3060), else fp16 with a gradient scaler; on a CPU bf16 only with bf16
-    matmul instructions (AVX512-BF16 or AMX; emulated bf16 is slower than fp32). cfg.dtype
-    records the choice, so that a resumed run keeps it."""
+    so that every run of a command trains the same way). cfg.dtype records the choice, so that a
+    resumed run keeps it. Every later CUDA call goes to this device."""
     if cfg.device == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     reason = "as set by --dtype or the checkpoint"
     if cfg.dtype == "auto":
         if device.type == "cuda":
-            bf16 = torch.cuda.is_bf16_supported()
+            facts = {"gpu_capability": torch.cuda.get_device_capability(device)}
         else:       # private checks in torch.cpu; a build without them counts as "no bf16"
             probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-            bf16 = any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-        cfg.dtype = "bfloat16" if bf16 else "float16" if device.type == "cuda" else "float32"
-        reason = f"the {'GPU' if device.type == 'cuda' else 'CPU'} {'has' if bf16 else 'lacks'} bf16 support"
+            facts = {"cpu_bf16": any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)}
+        cfg.dtype, reason = autocast_dtype(**facts)
     say(f"device: {device}; precision: {cfg.dtype} ({reason})")
     return device, getattr(torch, cfg.dtype)
+
+
+def autocast_dtype(gpu_capability=None, cpu_bf16=False):
+    """(dtype name, reason) from the hardware's facts. A GPU of compute capability 8.0 or later
+    (Ampere: the RTX 3060 is 8.6, the A100 8.0) computes bf16 natively; older ones (the T4 is
+    7.5, the V100 7.0) get fp16 with a gradient scaler, since their bf16 is emulated and slow (and
+    torch.cuda.is_bf16_supported() counts emulation as support). A CPU gets bf16 only with bf16
+    matmul instructions (AVX512-BF16 or AMX); emulated bf16 is slower than float32 there."""
+    if gpu_capability is not None:
+        native = tuple(gpu_capability) >= (8, 0)
+        return ("bfloat16" if native else "float16"), (f"GPU compute capability {gpu_capability[0]}.{gpu_capability[1]}: "
+                                                       f"bf16 {'native' if native else 'only emulated'}")
+    return ("bfloat16", "the CPU has bf16 instructions") if cpu_bf16 else ("float32", "the CPU lacks bf16 instructions")
+
+
+def auto_size(cuda, resolution):
+    """(preset, reason) for --size auto, from the device and the dataset's frame size. The base
+    preset reads 224-px frames: on smaller ones it learns nothing more, at 600x tiny's FLOPs. On
+    64-px frames tiny it is, on a GPU too: at the quickstart's 1500 steps small came out worse
+    than tiny (docs/experiments.md); small pays off only with more data and steps."""
+    if cuda and resolution >= PRESETS["base"]["image_size"]:
+        return "base", f"a CUDA GPU and {resolution}-px frames: the original's size"
+    return "tiny", (f"{'a CUDA GPU' if cuda else 'a CPU'} and {resolution}-px frames"
+                    + (": base needs 224-px data (prepare_data.py --res 224)" if cuda else ""))
 
 
 def autocast_to(device_type, dtype):
@@ -924,17 +1037,61 @@ def prepare_run(cfg, say):
         if dist.is_initialized():
             dist.barrier()                                  # the other processes wait for it
     index, train_episodes, val_episodes = open_dataset(cfg)
-    val_frames, val_actions = WindowSampler(val_episodes, cfg.eval_horizon, cfg).sample(
+    val_frames, val_actions, _ = WindowSampler(val_episodes, cfg.eval_horizon, cfg, "--eval_horizon").sample(
         cfg.eval_windows, torch.Generator().manual_seed(1234))    # the same windows every time
+    steps = min(MEASURED_STEPS, (max(len(e["frames"]) for e in train_episodes) - 1) // cfg.frame_skip)
+    error_windows = WindowSampler(train_episodes, steps, cfg).sample(
+        ERROR_WINDOWS, torch.Generator().manual_seed(4321))[:2]   # training windows: the decoder's trust
     say(f"data: {cfg.data}: {len(train_episodes)} train / {len(val_episodes)} val episodes, {index['resolution']}px"
         + (f" (resized to {cfg.image_size} on the device)" if index["resolution"] != cfg.image_size else ""))
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
+    if int(os.environ.get("RANK", 0)) == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        lock_run_folder(cfg.out_dir)
     if not cfg.resume and os.path.exists(ckpt_path):
         raise CheckpointError(f"{ckpt_path} already holds a run: continue it with --resume, or choose another --out_dir")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    if not cfg.resume and os.path.exists(log_path) and os.path.getsize(log_path) > 0:
+        raise CheckpointError(f"{log_path} holds the log of an earlier run whose ckpt.pt is gone: move or delete "
+                              "the log, or choose another --out_dir")
     with contextlib.suppress(FileNotFoundError):
         os.remove(ckpt_path + ".tmp")                       # left by a run killed while saving
-    return WindowSampler(train_episodes, cfg.rollout, cfg), val_frames, val_actions, ckpt_path
+    return WindowSampler(train_episodes, cfg.rollout, cfg), val_frames, val_actions, error_windows, ckpt_path
+
+
+RUN_LOCKS = {}      # run folder -> its open lock file, held by this process until it exits
+
+
+def lock_run_folder(out_dir):
+    """Hold an exclusive lock on <out_dir>/run.lock while this process lives (the OS drops it even
+    after a kill -9), so that two runs never write one folder. Unix only: without fcntl
+    (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    if os.path.realpath(out_dir) in RUN_LOCKS:          # this process holds it already (a resumed fit)
+        return
+    handle = open(os.path.join(out_dir, "run.lock"), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise CheckpointError(f"{out_dir} is in use by another run of iwm.py: wait for it to end, or choose "
+                              "another --out_dir") from None
+    RUN_LOCKS[os.path.realpath(out_dir)] = handle
+
+
+def release_run_folder(out_dir):
+    """Give up this process's lock on the run folder (exiting does it too)."""
+    with contextlib.suppress(KeyError):
+        RUN_LOCKS.pop(os.path.realpath(out_dir)).close()
+
+
+def non_finite_loss(loss, step, ckpt_path, dtype):
+    """The message for a loss that became inf or nan: where the last good state is, and what to try."""
+    kept = (f"{ckpt_path} holds the last good state" if os.path.exists(ckpt_path) else "no checkpoint was written yet")
+    advice = "a lower --lr" + (" or --dtype float32" if dtype != torch.float32 else "")
+    return f"loss became {loss} at step {step}; stopped without saving ({kept}). Try {advice}"
 
 
 def make_optimizer(model, cfg, device_type, dtype):
@@ -955,16 +1112,23 @@ def make_optimizer(model, cfg, device_type, dtype):
 
 def accumulate_gradients(trained, sampler, scaler, autocast, device, cfg, world_size):
     """Forward and backward over grad_accum micro-batches of fresh windows; returns the mean loss
-    and world-model loss. (DDP averages the gradients across processes on the last one only.)"""
+    and world-model loss as device tensors, without waiting for the device. (DDP averages the
+    gradients across processes on the last micro-batch only.)"""
     loss = world_loss = 0.0
     for micro in range(cfg.grad_accum):
-        frames, actions = sampler.sample(cfg.batch_size)
+        batch = [to_device(x, device) for x in sampler.sample(cfg.batch_size)]    # frames, actions, context
         with trained.no_sync() if world_size > 1 and micro < cfg.grad_accum - 1 else contextlib.nullcontext():
             with autocast:
-                micro_loss, info = trained(frames.to(device), actions.to(device))
+                micro_loss, info = trained(*batch)
             scaler.scale(micro_loss / cfg.grad_accum).backward()
-        loss, world_loss = loss + micro_loss.item() / cfg.grad_accum, world_loss + info["world_loss"].item() / cfg.grad_accum
+        loss, world_loss = loss + micro_loss.detach() / cfg.grad_accum, world_loss + info["world_loss"] / cfg.grad_accum
     return loss, world_loss
+
+
+def to_device(x, device):
+    """A CPU tensor on the device. To a GPU through pinned memory and without blocking: the copy
+    overlaps the work queued before it, and the host does not wait for it."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
 
 
 def start_processes():
@@ -979,21 +1143,23 @@ def start_processes():
     return rank, local_rank, world_size
 
 
-def sum_over_processes(values, world_size):
-    """Sum a few floats over all processes: one small all-reduce per step carries the losses and
-    the stop flag, so that every process logs the same loss and stops after the same step."""
-    if world_size == 1:
-        return values
-    total = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(total)
-    return total.tolist()
+def mean_over_processes(values, device, world_size):
+    """A few numbers (device tensors or floats) averaged over all processes, as floats. One small
+    tensor on the device carries them all: one all-reduce (NCCL reduces only GPU tensors) and one
+    copy to the host per step."""
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in values])
+    if world_size > 1:
+        dist.all_reduce(values)
+        values /= world_size
+    return values.tolist()
 
 
 def open_log(cfg, step):
     """Write config.json; open log.jsonl for appending, keeping only the records of steps up to
     `step`: a run killed after its last checkpoint logged steps that the resumed run logs again."""
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+    with open(os.path.join(cfg.out_dir, "config.json.tmp"), "w") as f:      # written whole or not at all
         json.dump(dataclasses.asdict(cfg), f, indent=1)
+    os.replace(os.path.join(cfg.out_dir, "config.json.tmp"), os.path.join(cfg.out_dir, "config.json"))
     path, kept = os.path.join(cfg.out_dir, "log.jsonl"), []
     with open(path, "a+") as f:
         f.seek(0)
@@ -1009,17 +1175,19 @@ def open_log(cfg, step):
 
 @contextlib.contextmanager
 def stop_requests():
-    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, `docker stop`) asks to stop: the step
-    finishes, then the run is saved, so a resumed run continues exactly as if nothing had
-    happened. The same signal again quits at once. Yields the list of requests."""
+    """Ctrl-C (SIGINT), SIGTERM (a scheduler's preemption, `docker stop`) or SIGHUP (the terminal
+    closed) asks to stop: the step finishes, then the run is saved, so a resumed run continues
+    exactly as if nothing had happened. The same signal again quits at once. Yields the list of
+    requests."""
     requests = []
 
     def request(signum, frame):
         requests.append(signum)
-        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         tqdm.write(f"{signal.Signals(signum).name}: stopping after this step (again: quit without saving)")
 
-    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])   # no SIGHUP on Windows
+    previous = {s: signal.signal(s, request) for s in signals}
     try:
         yield requests
     finally:
@@ -1041,7 +1209,7 @@ def count_flops(function):
 
 def timed(function, device, repeats=1):
     """Seconds per call, waiting for the GPU to finish its queued work."""
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     synchronize()
     started = time.perf_counter()
     for _ in range(repeats):
@@ -1067,7 +1235,7 @@ def benchmark(cfg):
     def step():
         for _ in range(cfg.grad_accum):
             with autocast:
-                loss, _ = model(frames, actions)
+                loss, _ = model(frames, actions, frames[:, 0])
             scaler.scale(loss / cfg.grad_accum).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -1080,7 +1248,7 @@ def benchmark(cfg):
     for _ in range(3 if cfg.compile else 1):                # warm-up (and compilation)
         step()
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     seconds = timed(step, device, cfg.bench)
     # The ceiling to compare with: the fastest of a few large square matmuls in the training precision
     size = 2048 if device.type == "cpu" else 8192
@@ -1089,7 +1257,7 @@ def benchmark(cfg):
         peak = 2 * size ** 3 / min(timed(lambda: a @ b, device) for _ in range(6))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     states = (4 * sum(p.numel() for p in model.parameters()) + 12 * trainable) / 2 ** 30
-    memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     print(f"{cfg.size}, batch {cfg.batch_size} x {cfg.grad_accum}, grad_ckpt {cfg.grad_ckpt}, compile {cfg.compile}: "
           f"{cfg.batch_size * cfg.grad_accum / seconds:.1f} samples/s ({seconds:.3f} s per step)\n"
           f"  {flops / 1e12:.3f} TFLOP per step -> {flops / seconds / 1e12:.3f} TFLOP/s; measured {dtype} matmul peak "
@@ -1128,14 +1296,18 @@ def parse_config(argv=None):
         return cfg
     size = given.get("size", "auto")
     if size == "auto":
-        size = "base" if torch.cuda.is_available() and given.get("device", "auto") != "cpu" else "tiny"
-        print(f"size: {size} (base on a CUDA GPU, tiny on CPU; pick with --size)")
+        resolution = 64                                    # no dataset yet: the built-in world's
+        with contextlib.suppress(prepare_data.DatasetError):
+            resolution = prepare_data.read_index(given.get("data", Config.data))["resolution"]
+        size, reason = auto_size(torch.cuda.is_available() and given.get("device", "auto") != "cpu", resolution)
+        print(f"size: {size} ({reason}; pick with --size)")
     if size not in PRESETS:
         raise ValueError(f"--size {size}: choose one of auto, {', '.join(PRESETS)}")
     return Config(**{**PRESETS[size], **given, "size": size})
 
 
 def main(argv=None):
+    cfg = None
     try:
         cfg = parse_config(argv)
         check_config(cfg)                  # before anything is printed or started
@@ -1148,7 +1320,7 @@ def main(argv=None):
     except (CheckpointError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
     except OSError as e:                   # a folder that cannot be written, a file that vanished
-        raise SystemExit(f"error: {prepare_data.describe(e)}")
+        raise SystemExit(f"error: {prepare_data.describe(e, cfg and cfg.out_dir)}")
     except KeyboardInterrupt:
         print("interrupted")
         raise SystemExit(130)

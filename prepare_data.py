@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import urllib.error
@@ -65,11 +66,12 @@ class DatasetError(ValueError):
 
 def checked(container, key, kind):
     """container[key] if it is None (missing or null: no input) or of this kind (list, dict, or
-    float for any number); else EpisodeError."""
+    float for any finite number: JSON readers accept NaN and Infinity); else EpisodeError."""
     value = container.get(key)
     if value is None or isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool):
-        return value
-    raise EpisodeError(f"{key} is {value!r}, expected {'a number' if kind is float else kind.__name__}")
+        if kind is not float or value is None or math.isfinite(value):
+            return value
+    raise EpisodeError(f"{key} is {value!r}, expected {'a finite number' if kind is float else kind.__name__}")
 
 
 def actions_from_lines(lines):
@@ -209,22 +211,37 @@ def convert_episode(video_path, jsonl_path, out_dir, res):
     episode that loads; a finished episode is skipped on a rerun."""
     stem = os.path.basename(video_path)[:-len(".mp4")]
     final = os.path.join(out_dir, "episodes", stem)
-    if os.path.exists(os.path.join(final, "meta.json")):
-        with open(os.path.join(final, "meta.json")) as f:
-            return json.load(f)
+    meta = read_meta(final)
+    if meta is not None:
+        return meta
     frames, actions, state = read_episode(video_path, jsonl_path, res)
     tmp = os.path.join(out_dir, "episodes", f".tmp-{stem}-{os.getpid()}")
-    os.makedirs(tmp)
-    for name, array in (("frames", frames), ("actions", actions), ("state", state)):
-        if array is not None:
-            np.save(os.path.join(tmp, f"{name}.npy"), array)
-    meta = {"name": stem, "frames": len(frames), "has_state": state is not None,
-            "null_actions": int((actions[:, :-1] == 0).all(axis=1).sum())}
-    with open(os.path.join(tmp, "meta.json"), "w") as f:   # meta.json last: it marks "done"
-        json.dump(meta, f)
-    shutil.rmtree(final, ignore_errors=True)               # a stale folder without meta.json
+    try:
+        os.makedirs(tmp)
+        for name, array in (("frames", frames), ("actions", actions), ("state", state)):
+            if array is not None:
+                np.save(os.path.join(tmp, f"{name}.npy"), array)
+        meta = {"name": stem, "frames": len(frames), "has_state": state is not None,
+                "null_actions": int((actions[:, :-1] == 0).all(axis=1).sum())}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:   # meta.json last: it marks "done"
+            json.dump(meta, f)
+    except OSError as e:               # a full disk, say: the message names the folder, not the video
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EpisodeError(f"{final}: could not be written ({e.strerror or e}); free some space and run again") from None
+    shutil.rmtree(final, ignore_errors=True)               # a stale folder without a good meta.json
     os.rename(tmp, final)
     return meta
+
+
+def read_meta(folder):
+    """A converted episode's meta.json, or None where it is missing, empty or cut short (the
+    episode is then not finished: it is converted again, or left out of the index)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+        if isinstance(meta, dict) and "name" in meta:
+            return meta
+    return None
 
 
 def _convert_job(job):
@@ -238,7 +255,8 @@ def _convert_job(job):
 
 
 def find_episodes(raw_dir):
-    """Pairs (mp4, jsonl) in a folder; a file without its partner is reported, not converted."""
+    """Pairs (mp4, jsonl) in a folder; a file without its partner is reported, not converted.
+    A folder with no pair but videos in its subfolders is an error that names them."""
     names, pairs, problems = set(os.listdir(raw_dir)), [], []
     for name in sorted(names):
         stem, ext = os.path.splitext(name)
@@ -247,15 +265,26 @@ def find_episodes(raw_dir):
             pairs.append((os.path.join(raw_dir, name), os.path.join(raw_dir, partner)))
         elif ext in (".mp4", ".jsonl") and partner not in names:
             problems.append(f"{os.path.join(raw_dir, name)}: no matching {partner}")
+    below = [] if pairs or problems else sorted({os.path.dirname(p) for p in glob.glob(
+        os.path.join(raw_dir, "**", "*.mp4"), recursive=True)})
+    if below:
+        raise DatasetError(f"{raw_dir}: no <stem>.mp4 + <stem>.jsonl pairs in it, but there are .mp4 files in "
+                           f"{', '.join(below[:3])}: pass that folder to --vpt")
     return pairs, problems
 
 
 def start_dataset(out_dir, res):
-    """Create the folders, refuse a folder of another resolution, and remove what killed runs
-    left behind (half-written episode folders and built-in recordings)."""
+    """Create the folders, refuse a folder of another resolution (its index says so, or, after a
+    run killed before it wrote one, its episodes' frames), and remove what killed runs left
+    behind (half-written episode folders and built-in recordings)."""
     os.makedirs(os.path.join(out_dir, "episodes"), exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, "index.json")) and (old := read_index(out_dir)["resolution"]) != res:
-        raise DatasetError(f"{out_dir} already holds a {old}x{old} dataset; use another --out for --res {res}")
+    sizes = {read_index(out_dir)["resolution"]} if os.path.exists(os.path.join(out_dir, "index.json")) else set()
+    for frames in glob.glob(os.path.join(out_dir, "episodes", "*", "frames.npy")):
+        with contextlib.suppress(OSError, ValueError):
+            sizes.add(np.load(frames, mmap_mode="r").shape[1])
+    if sizes - {res}:
+        old = min(sizes - {res})
+        raise DatasetError(f"{out_dir} already holds {old}x{old} episodes; use another --out for --res {res}")
     for path in glob.glob(os.path.join(out_dir, "episodes", ".tmp-*")) + glob.glob(os.path.join(out_dir, "raw", "*.tmp*")):
         if os.path.isdir(path):
             shutil.rmtree(path)
@@ -275,7 +304,7 @@ def run_jobs(job, jobs, desc, out_dir, res, source, workers, val_fraction, probl
     the index. Returns (episodes converted, problems)."""
     start_dataset(out_dir, res)
     problems, converted = list(problems), 0
-    with Pool(workers) as pool:
+    with Pool(workers, initializer=quiet_worker) as pool:   # leaving the block (an error, Ctrl-C, SIGTERM) ends the workers
         for meta, problem in tqdm(pool.imap_unordered(job, jobs), total=len(jobs), desc=desc, unit="episode"):
             if problem:
                 problems.append(problem)
@@ -286,13 +315,24 @@ def run_jobs(job, jobs, desc, out_dir, res, source, workers, val_fraction, probl
     return converted, problems
 
 
+def quiet_worker():
+    """In each worker process: the main process alone handles Ctrl-C, SIGTERM and SIGHUP; it
+    ends the workers (SIGTERM, which a worker obeys at once) and says what was kept."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def write_index(out_dir, res, source, val_fraction):
     """Rebuild index.json from the finished episodes (written atomically)."""
-    metas = sorted(glob.glob(os.path.join(out_dir, "episodes", "*", "meta.json")))
     episodes = []
-    for meta in metas:
-        with open(meta) as f:
-            episodes.append({**json.load(f), "split": split_of(os.path.basename(os.path.dirname(meta)), val_fraction)})
+    for folder in sorted(glob.glob(os.path.join(out_dir, "episodes", "*", ""))):
+        meta = read_meta(folder)
+        if meta is None:
+            print(f"skipped: {folder}: no readable meta.json (a conversion cut short); delete the folder and run again")
+            continue
+        episodes.append({**meta, "split": split_of(os.path.basename(os.path.dirname(folder)), val_fraction)})
     # A tiny dataset may hash no session to val: then the lowest-hash session goes there,
     # still deterministic and still by episode.
     if len(episodes) > 1 and all(e["split"] == "train" for e in episodes):
@@ -321,8 +361,9 @@ def read_index(data_dir):
 
 def load_episode(data_dir, meta, res):
     """One episode's arrays, memory-mapped (nothing is read into RAM until it is indexed)."""
-    if not isinstance(meta, dict) or "name" not in meta:
-        raise EpisodeError(f"{os.path.join(data_dir, 'index.json')}: an episode entry without a name")
+    if not isinstance(meta, dict) or not {"name", "split"} <= meta.keys():
+        raise EpisodeError(f"{os.path.join(data_dir, 'index.json')}: an episode entry without a name or split; "
+                           f"rebuild the index: run prepare_data.py again with --out {data_dir}")
     folder, episode = os.path.join(data_dir, "episodes", str(meta["name"])), dict(meta)
     for name in ("frames", "actions") + (("state",) if meta.get("has_state") else ()):
         try:
@@ -335,6 +376,9 @@ def load_episode(data_dir, meta, res):
             or len(episode.get("state", frames)) != len(frames)):
         raise EpisodeError(f"{folder}: arrays of unexpected shapes (frames {frames.shape} {frames.dtype}, "
                            f"actions {actions.shape}); delete the folder and run prepare_data.py again")
+    if not np.isfinite(actions).all():
+        raise EpisodeError(f"{folder}: actions.npy holds NaN or infinite values; delete the folder and convert "
+                           "the episode again (the converter now refuses them, naming the line)")
     return episode
 
 
@@ -770,6 +814,13 @@ def write_synthetic_episode(raw_dir, stem, seed, n_frames):
         if seed % 2:                 # like the real recorder, sometimes write the last frame twice
             writer.write(frame)
     writer.release()
+    written = cv2.VideoCapture(tmp_video)   # a full disk truncates the video silently: count its frames
+    frames_written = int(written.get(cv2.CAP_PROP_FRAME_COUNT)) if written.isOpened() else 0
+    written.release()
+    if frames_written < n_frames:
+        for path in (tmp_video, tmp_jsonl):
+            os.remove(path)
+        raise OSError(f"{video_path}: recorded {frames_written} of {n_frames} frames (is the disk full?); nothing kept")
     os.replace(tmp_jsonl, jsonl_path)
     os.replace(tmp_video, video_path)   # the video last: a pair exists only once both are whole
 
@@ -781,7 +832,8 @@ def _synthetic_job(job):
         write_synthetic_episode(raw_dir, stem, seed, n_frames)
     except Exception as e:   # a full disk, say: reported, and the other episodes go on
         return None, f"{stem}: {type(e).__name__}: {e}"
-    return _convert_job((os.path.join(raw_dir, stem + ".mp4"), os.path.join(raw_dir, stem + ".jsonl"), out_dir, res))
+    meta, problem = _convert_job((os.path.join(raw_dir, stem + ".mp4"), os.path.join(raw_dir, stem + ".jsonl"), out_dir, res))
+    return meta, problem and f"{problem} (delete {os.path.join(raw_dir, stem)}.* to record it again)"
 
 
 def make_synthetic(n_episodes, out_dir, res, n_frames, seed, workers, val_fraction):
@@ -880,14 +932,22 @@ def download_file(url, path, timeout=TIMEOUT, attempts=ATTEMPTS, backoff=1.0):
 def download_episodes(index, n, raw_dir, timeout=TIMEOUT):
     """Download the first n complete episodes of an index into raw_dir; files missing on the
     server are skipped, as some listed files are. Returns the number downloaded."""
-    basedir, relpaths = read_vpt_index(index, timeout)
     os.makedirs(raw_dir, exist_ok=True)
+    have = len(find_episodes(raw_dir)[0]) if glob.glob(os.path.join(raw_dir, "*.mp4")) else 0
+    if have >= n:                      # a rerun after a finished download asks the server nothing
+        print(f"{raw_dir} holds {have} episodes already: nothing to download")
+        return n
+    basedir, relpaths = read_vpt_index(index, timeout)
     done, failed_in_a_row = 0, 0
     with tqdm(total=n, desc="download", unit="episode") as bar:
         for relpath in relpaths:
             if done == n:
                 break
             stem = os.path.basename(relpath)[:-len(".mp4")]
+            if all(os.path.exists(os.path.join(raw_dir, stem + ext)) for ext in (".jsonl", ".mp4")):
+                done += 1                  # downloaded whole by an earlier run (files get their names last)
+                bar.update(1)
+                continue
             bar.set_postfix_str(f"waiting for {urllib.parse.urlparse(basedir).hostname} ({stem})")
             try:
                 ok = all(download_file(basedir + relpath[:-len(".mp4")] + ext, os.path.join(raw_dir, stem + ext), timeout)
@@ -910,8 +970,9 @@ def download_episodes(index, n, raw_dir, timeout=TIMEOUT):
 # -----------------------------------------------------------------------------
 # Main
 
-def describe(error):
-    """An OSError as one line that names its file: '<file>: <what went wrong>'."""
+def describe(error, where=None):
+    """An OSError as one line that names its file: '<file>: <what went wrong>' (`where`, the folder
+    being written, when the error names no file: a full disk on a write, say)."""
     if isinstance(error, urllib.error.URLError) and isinstance(error.reason, OSError):
         error = error.reason
     if isinstance(error, TimeoutError) or "timed out" in str(error):
@@ -922,7 +983,8 @@ def describe(error):
             blocking = os.path.dirname(blocking)         # up to the first folder, or to "/"
         if os.path.isfile(blocking):
             return f"{blocking}: is a file, but a folder is needed there"
-    return f"{error.filename}: {error.strerror or error}" if getattr(error, "filename", None) else str(error)
+    name = getattr(error, "filename", None) or where
+    return f"{name}: {getattr(error, 'strerror', None) or error}" if name else str(error)
 
 
 def at_least(low, kind=int, below=None):
@@ -954,27 +1016,53 @@ def main(argv=None):
                         help="share of sessions held out for validation")
     parser.add_argument("--timeout", type=at_least(0.1, float), default=TIMEOUT, help="seconds to wait for the server")
     args = parser.parse_args(argv)
-    out, started = args.out or ("data/builtin" if args.synthetic else "data/vpt"), time.time()
+    out, started, download_failed = args.out or ("data/builtin" if args.synthetic else "data/vpt"), time.time(), None
     try:
-        if args.synthetic:
-            converted = make_synthetic(args.synthetic, out, args.res, args.frames, args.seed, args.workers, args.val_fraction)
-        else:
-            raw_dir = args.vpt or os.path.join(out, "raw")
-            if args.download:
-                download_episodes(args.download, args.n, raw_dir, args.timeout)
-            if not os.path.isdir(raw_dir):
-                raise DatasetError(f"{raw_dir}: no such folder")
-            converted = convert_folder(raw_dir, out, args.res, "vpt", args.workers, args.val_fraction)[0]
+        with stop_on_signals() as stopped_by:
+            if args.synthetic:
+                converted = make_synthetic(args.synthetic, out, args.res, args.frames, args.seed, args.workers,
+                                           args.val_fraction)
+            else:
+                raw_dir = args.vpt or os.path.join(out, "raw")
+                if args.download:
+                    try:
+                        download_episodes(args.download, args.n, raw_dir, args.timeout)
+                    except DownloadError as e:      # convert what did arrive, then report the failure
+                        download_failed = e
+                        print(f"download stopped: {e}")
+                if not os.path.isdir(raw_dir):
+                    raise download_failed or DatasetError(f"{raw_dir}: no such folder")
+                converted = convert_folder(raw_dir, out, args.res, "vpt", args.workers, args.val_fraction)[0]
     except (DatasetError, DownloadError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:
-        sys.exit(f"error: {describe(e)}")
+        sys.exit(f"error: {describe(e, out)}")
     except KeyboardInterrupt:
         print("interrupted: finished episodes are kept; run the same command again to go on")
-        sys.exit(130)
+        sys.exit(128 + stopped_by[0] if stopped_by else 130)
     if not converted:
         sys.exit(f"error: no episode was converted into {out} (the messages above say why)")
+    if download_failed:
+        sys.exit(f"error: {converted} episodes are converted in {out}, but the download stopped: {download_failed}")
     print(f"done in {time.time() - started:.1f} s")
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGHUP (a closed terminal) stop the run as Ctrl-C does: the workers end at once,
+    finished episodes stay, and the exit code is 128 + the signal's number. Yields the signals seen."""
+    seen, names = [], [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]   # Windows has no SIGHUP
+
+    def stop(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {name: signal.signal(getattr(signal, name), stop) for name in names}
+    try:
+        yield seen
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ side, the true future, the decoded prediction and the decoded target latent (rec
 with the actions of each step under every panel.
 """
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -81,26 +80,36 @@ def compose_gif(path, panels, labels, panel_actions, frame_skip, scale):
     animation = cv2.Animation()
     animation.loop_count, animation.frames = 0, frames
     animation.durations = [400] + [250] * horizon      # milliseconds; the start lingers
-    if not cv2.imwriteanimation(path, animation):
-        raise OSError(f"OpenCV could not write {path}")
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp.gif")   # OpenCV reads the format off the name
+    try:
+        if not cv2.imwriteanimation(tmp, animation):
+            raise OSError(f"OpenCV could not write {path}")
+        os.replace(tmp, path)                          # whole or not at all: a kill never leaves half a GIF
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def run_rollouts(model, cfg, episodes, args, out):
     """The metric table on args.windows windows, then args.n GIFs: true future | prediction |
     reconstruction, or with --actions the prediction under each script from the same start."""
-    sampler = iwm.WindowSampler(episodes, args.horizon, cfg)
+    sampler = iwm.WindowSampler(episodes, args.horizon, cfg, "--horizon")
     print(f"{len(sampler.episodes)} episodes; {args.horizon} steps of {cfg.frame_skip} frames; "
           f"{args.euler_steps} Euler steps per drawn frame")
-    frames, actions = sampler.sample(args.windows, torch.Generator().manual_seed(args.seed))
-    metrics = iwm.evaluate(model, frames, actions, args.device, contextlib.nullcontext(),   # full precision
+    frames, actions, _ = sampler.sample(args.windows, torch.Generator().manual_seed(args.seed))
+    metrics = iwm.evaluate(model, frames, actions, args.device, iwm.autocast_to(args.device.type, getattr(torch, cfg.dtype)),
                            psnr_windows=args.windows, euler_steps=args.euler_steps)
-    columns = ["pred_copy", "psnr_prediction", "psnr_repeat_start", "psnr_reconstruction", "sharpness"]
+    columns = ["pred_copy", "psnr_prediction", "psnr_repeat_start", "psnr_reconstruction", "ssim_prediction",
+               "ssim_repeat_start", "ssim_reconstruction", "sharpness", "controllability"]
     table = [{"h": h + 1, **{c: metrics[c][h] for c in columns}} for h in range(args.horizon)]
-    print("PSNR in dB against the true frame; sharpness: the prediction's Laplacian variance / the truth's\n"
-          " h | latent pred/copy | prediction PSNR | repeat start | reconstruction | sharpness")
+    print("PSNR (dB) and SSIM against the true frame, of the prediction / repeating the start frame / the decoded\n"
+          "true latent; sharpness: the prediction's Laplacian variance / the truth's; controllability: PSNR with\n"
+          "the true actions - with another window's (dB)\n"
+          " h | pred/copy |  PSNR pred / repeat / recon |  SSIM pred / repeat / recon | sharpness | controllability")
     for row in table:
-        print(f"{row['h']:2d} | {row['pred_copy']:16.3f} | {row['psnr_prediction']:15.2f} | "
-              f"{row['psnr_repeat_start']:12.2f} | {row['psnr_reconstruction']:14.2f} | {row['sharpness']:9.2f}")
+        print(f"{row['h']:2d} | {row['pred_copy']:9.3f} | {row['psnr_prediction']:10.2f} / {row['psnr_repeat_start']:6.2f} / "
+              f"{row['psnr_reconstruction']:5.2f} | {row['ssim_prediction']:10.3f} / {row['ssim_repeat_start']:6.3f} / "
+              f"{row['ssim_reconstruction']:5.3f} | {row['sharpness']:9.2f} | {row['controllability']:15.2f}")
     print(f"action sensitivity {metrics['action_sensitivity']:.2f}, target std {metrics['target_std']:.3f}")
     for i, (episode, start) in enumerate(tqdm(sampler.sample_positions(args.n, torch.Generator().manual_seed(args.seed + 1)),
                                               desc="rollout GIFs", unit="gif")):
@@ -111,17 +120,18 @@ def run_rollouts(model, cfg, episodes, args, out):
         history = torch.from_numpy(iwm.action_window(episode["actions"], start, cfg.action_window)).to(args.device)
         with torch.no_grad():
             start_latent, targets = model.encode(frames[:, :1])[:, 0], model.encode_target(frames)[0]   # (1, N, D), (S, N, D)
-            runs = [("predicted", model.rollout(start_latent, recorded, targets[:1])[0], rows[0])]
+            runs = [("predicted", model.rollout(start_latent, recorded, targets[:1])[0], rows[0], True)]
             if not args.actions:
-                runs.append(("reconstruction", targets[1:], rows[0]))
+                runs.append(("reconstruction", targets[1:], rows[0], False))
             for script in args.actions:   # the recorded rows before the start, the script from the start on
                 script_rows = np.zeros((n_rows, len(ACTION_COLUMNS)), np.float32)
                 for column, value in SCRIPTS[script].items():
                     script_rows[:, COLUMN[column]] = value
                 latents = imagine(model, (start_latent[0], targets[0]), history, torch.from_numpy(script_rows)[None])[0]
-                runs.append((script, latents, script_rows))
-            for label, latents, action_rows in runs:
-                drawn = model.decoder.draw(latents, args.euler_steps, torch.Generator(args.device).manual_seed(args.seed))
+                runs.append((script, latents, script_rows, True))
+            for label, latents, action_rows, predicted in runs:
+                drawn = iwm.draw_rollout(model, latents[None], frames[:, 0], predicted, args.euler_steps,
+                                         torch.Generator(args.device).manual_seed(args.seed))[0]
                 panels.append(np.concatenate([truth[:1], to_pixels(drawn)]))
                 labels.append(label)
                 rows.append(action_rows)
@@ -398,8 +408,9 @@ def imagination_cost(model, cfg, args):
     then the decoder's sampler drawing the frame and the encoder reading it back)."""
     latent = torch.zeros(1, (cfg.image_size // cfg.patch_size) ** 2, cfg.width, device=args.device)
     window = torch.zeros(1, cfg.action_window, len(ACTION_COLUMNS), device=args.device)
+    frame = torch.zeros(1, cfg.image_size, cfg.image_size, 3, dtype=torch.uint8, device=args.device)
     in_latents = lambda: model.predict_next(latent, window)
-    as_pixels = lambda: model.encoder(model.decoder.draw(in_latents(), args.euler_steps))
+    as_pixels = lambda: model.encoder(iwm.draw_rollout(model, in_latents()[:, None], frame, True, args.euler_steps)[:, 0])
     costs = {}
     with torch.no_grad():
         for name, step in (("latent", in_latents), ("pixels", as_pixels)):
@@ -431,10 +442,10 @@ def run_planning(model, cfg, args, out):
                                                                  args.plan_iterations)
                 wins[policy] += reached(episode_world.state(), goal_state, kind)
                 seconds += plan_seconds
-                if policy == "plan" and trial < args.n:
-                    with torch.no_grad():
-                        drawn = to_pixels(model.decoder.draw(torch.stack(imagined), args.euler_steps,
-                                                             torch.Generator(args.device).manual_seed(args.seed)))
+                if policy == "plan" and trial < args.n:    # each imagined step drawn from the frame it started at
+                    drawn = to_pixels(iwm.draw_rollout(model, torch.stack(imagined)[:, None],
+                                                       torch.from_numpy(np.stack(seen[:-1])).to(args.device), True,
+                                                       args.euler_steps, torch.Generator(args.device).manual_seed(args.seed))[:, 0])
                     compose_gif(os.path.join(out, f"plan_{kind}_{trial}.gif"),
                                 [np.stack([goal_frame] * len(seen)), np.stack(seen), np.concatenate([seen[:1], drawn])],
                                 ["goal", "agent sees", "it imagined"], [np.zeros_like(rows), rows, rows],
@@ -506,10 +517,10 @@ def read_video(path, cfg):
 
 def main(argv=None):
     args = parse_args(argv)
+    out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples")
     try:
         state, cfg, model = load_model(args)
         args.euler_steps = args.euler_steps or cfg.euler_steps
-        out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples")
         os.makedirs(out, exist_ok=True)
         print(f"checkpoint {args.ckpt} (step {state['step']}, {cfg.size})")
         if args.plan:
@@ -530,7 +541,7 @@ def main(argv=None):
     except (iwm.CheckpointError, ValueError, prepare_data.EpisodeError) as e:
         raise SystemExit(f"error: {e}")
     except OSError as e:
-        raise SystemExit(f"error: {prepare_data.describe(e)}")
+        raise SystemExit(f"error: {prepare_data.describe(e, out)}")
     except KeyboardInterrupt:
         print("interrupted")
         raise SystemExit(130)
