@@ -1011,11 +1011,12 @@ def test_resume_refuses_a_size_that_contradicts_the_checkpoint(builtin_dataset, 
     assert code == 1 and "size: checkpoint small vs requested tiny" in out and "Traceback" not in out
 
 
-def test_sigterm_saves_and_stops_like_ctrl_c(builtin_dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(iwm.WindowSampler, "sample", sample_then_ctrl_c_in_step(3, signal.SIGTERM))
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])    # preemption, a closed terminal
+def test_sigterm_or_sighup_saves_and_stops_like_ctrl_c(builtin_dataset, tmp_path, monkeypatch, signum):
+    monkeypatch.setattr(iwm.WindowSampler, "sample", sample_then_ctrl_c_in_step(3, signum))
     with pytest.raises(SystemExit) as stopped:
         iwm.fit(small_config(data=builtin_dataset, out_dir=str(tmp_path)))
-    assert stopped.value.code == 128 + signal.SIGTERM
+    assert stopped.value.code == 128 + signum
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
     assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1, 2, 3]
 
@@ -1338,14 +1339,6 @@ def test_messages_name_the_flag_the_folder_or_the_file_to_fix(builtin_raw, built
     assert code == 1 and "pass that folder to --vpt" in text and str(nested) in text, text
     full = OSError(28, "No space left on device")        # a write error names no file
     assert pd.describe(full, "runs/iwm") == "runs/iwm: No space left on device"
-
-
-def test_sighup_saves_and_stops_like_ctrl_c(builtin_dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(iwm.WindowSampler, "sample", sample_then_ctrl_c_in_step(2, signal.SIGHUP))
-    with pytest.raises(SystemExit) as stopped:
-        iwm.fit(small_config(data=builtin_dataset, out_dir=str(tmp_path)))
-    assert stopped.value.code == 128 + signal.SIGHUP
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 def test_sigterm_stops_a_conversion_and_its_workers_at_once(tmp_path):
