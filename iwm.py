@@ -819,10 +819,11 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
                                                                         (shuffled, True)))
             truth = normalize_frames(f[:b, 1:], model.cfg.image_size)
             start = normalize_frames(f[:b, :1], model.cfg.image_size).expand_as(truth)
-            for key, value in (("psnr_prediction", psnr(drawn, truth)), ("psnr_reconstruction", psnr(rebuilt, truth)),
+            drawn_psnr = psnr(drawn, truth)
+            for key, value in (("psnr_prediction", drawn_psnr), ("psnr_reconstruction", psnr(rebuilt, truth)),
                                ("psnr_repeat_start", psnr(start, truth)), ("ssim_prediction", ssim(drawn, truth)),
                                ("ssim_reconstruction", ssim(rebuilt, truth)), ("ssim_repeat_start", ssim(start, truth)),
-                               ("controllability", psnr(drawn, truth) - psnr(other, truth)),
+                               ("controllability", drawn_psnr - psnr(other, truth)),
                                ("sharp_prediction", sharpness(drawn)), ("sharp_truth", sharpness(truth))):
                 sums[key] = sums.get(key, 0) + value.sum(0).cpu()
     metrics = {"val_loss": (errors[0, :model.cfg.rollout].sum() / len(frames) / model.cfg.rollout).item(),
