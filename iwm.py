@@ -115,7 +115,7 @@ class Config:
     eval_every: int = 500            # steps between validation lines
     eval_windows: int = 256          # validation windows (from validation episodes only)
     eval_horizon: int = 8            # pred/copy is reported for h = 1..this
-    eval_psnr_windows: int = 32      # of those, windows whose frames the decoder draws at the last step (0: none)
+    eval_psnr_windows: int = 32      # of those, windows the decoder draws at the end (0: none)
     ckpt_every: int = 500            # steps between checkpoints
     out_dir: str = "runs/iwm"        # checkpoint, log and resolved config go here
     resume: bool = False             # continue from <out_dir>/ckpt.pt
@@ -698,8 +698,9 @@ def fit(cfg):
             if step % cfg.eval_every == 0 or step == cfg.steps:      # in every process: saved with the weights
                 measure_latent_error(model, *error_windows, device, autocast)   # the decoder's trust
             if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
-                metrics = evaluate(model, val_frames, val_actions, device, autocast,   # drawing: at the end only
-                                   cfg.eval_psnr_windows if step == cfg.steps else 0, cfg.euler_steps)
+                metrics = evaluate(model, val_frames, val_actions, device, autocast,
+                                   cfg.eval_psnr_windows if step == cfg.steps else 0,
+                                   cfg.euler_steps)
                 record.update(metrics)
                 tqdm.write(format_eval(step, metrics))
             if log:
