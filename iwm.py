@@ -632,12 +632,7 @@ def open_dataset(cfg):
     index, episodes = prepare_data.load_dataset(cfg.data)
     if index["action_columns"] != ACTION_COLUMNS:
         raise ValueError(f"{cfg.data}: its action columns differ from this code's; run prepare_data.py again")
-    train_episodes = [e for e in episodes if e["split"] == "train"]
-    val_episodes = [e for e in episodes if e["split"] == "val"]
-    if not train_episodes or not val_episodes:
-        raise ValueError(f"{cfg.data}: needs both train and validation episodes "
-                         f"(has {len(train_episodes)} and {len(val_episodes)}); add more episodes")
-    return index, train_episodes, val_episodes
+    return index, *prepare_data.split_episodes(cfg.data, index, episodes)
 
 
 # -----------------------------------------------------------------------------
@@ -704,7 +699,7 @@ def fit(cfg):
                 record.update(metrics)
                 tqdm.write(format_eval(step, metrics))
             if log:
-                log.write(json.dumps(record) + "\n")
+                log.write(prepare_data.to_json(record) + "\n")
             if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps or stopping):
                 save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                             "scaler": scaler.state_dict(), "step": step, "config": dataclasses.asdict(cfg)})
@@ -728,10 +723,23 @@ def fit(cfg):
 ERROR_WINDOWS = 32         # training windows on which the predictor's latent error is measured
 
 
-def psnr(images, reference):
-    """PSNR in dB per image, for images in [-1, 1] (peak-to-peak 2): 10 log10(2^2 / MSE)."""
-    mse = (images.float() - reference.float()).pow(2).mean(dim=(-3, -2, -1))
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+def mean_squared_error(images, reference):
+    """Per image, for images (..., 3, H, W) -> (...)."""
+    return (images.float() - reference.float()).pow(2).mean(dim=(-3, -2, -1))
+
+
+def psnr(mse):
+    """PSNR in dB of a mean squared error, for images in [-1, 1] (peak-to-peak 2): 10 log10(2^2 / MSE).
+    A summary over many images is the PSNR of their mean squared error: a mean of per-image PSNRs
+    lets one unchanged window (an unbounded PSNR) outweigh all the others."""
+    return 10 * torch.log10(4.0 / torch.as_tensor(mse).clamp_min(1e-10))
+
+
+def ratio(numerator, denominator):
+    """numerator / denominator elementwise as a list, None where the denominator is 0 (a figure
+    that cannot be computed, say the error of "nothing changes" on a clip where nothing does)."""
+    return [n / d if d > 0 else None for n, d in zip(torch.as_tensor(numerator).reshape(-1).tolist(),
+                                                     torch.as_tensor(denominator).reshape(-1).tolist())]
 
 
 def grey(images):
@@ -792,15 +800,18 @@ def draw_rollout(model, latents, start, predicted, euler_steps, generator=None, 
 @torch.no_grad()
 def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_steps=10, chunk=16):
     """On fixed validation windows: val loss, pred/copy for h = 1..H, action sensitivity (error
-    with actions shuffled across windows / with the true ones) and target std. The decoder also
-    draws the first psnr_windows windows' futures from the predicted and from the target latents
-    (reconstruction), and from the predictions with shuffled actions: PSNR and SSIM against the
-    true frames per horizon, next to those of repeating the start frame; the sharpness of the
-    drawn predictions relative to the true frames'; controllability, the PSNR with the true
-    actions minus that with shuffled ones (Genie's delta-t PSNR)."""
+    with actions shuffled across windows / with the true ones) and target std (of each latent
+    feature across the windows). The decoder also draws the first psnr_windows windows' futures
+    from the predicted and from the target latents (reconstruction), and from the predictions with
+    shuffled actions: PSNR (of the mean squared error over windows) and SSIM against the true
+    frames per horizon, next to those of repeating the start frame; the sharpness of the drawn
+    predictions relative to the true frames'; controllability, the PSNR with the true actions
+    minus that with shuffled ones (Genie's delta-t PSNR). A figure that cannot be computed (a
+    ratio over 0) is None."""
     was_training = model.training
     model.eval()
-    errors, target_std, sums = torch.zeros(3, actions.shape[1]), [], {}    # predicted, copy, shuffled
+    errors, sums = torch.zeros(3, actions.shape[1]), {}                     # predicted, copy, shuffled
+    start_sum = start_squares = 0.0                                         # for the target std
     generator = torch.Generator(device).manual_seed(0)                      # the same noise every eval
     for i in range(0, len(frames), chunk):
         f, a = frames[i:i + chunk].to(device), actions[i:i + chunk].to(device)
@@ -811,7 +822,8 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
             shuffled = model.rollout(latent, a.roll(1, dims=0), targets[:, 0]).float()   # another window's actions
         for row, guess in enumerate([predicted, targets[:, :1], shuffled]):  # targets[:, :1]: "nothing changes"
             errors[row] += jepa_loss(guess, targets[:, 1:]).mean(-1).sum(0).cpu()
-        target_std.append(targets[:, 0].std(dim=0).mean().cpu())            # across the batch
+        start_sum += targets[:, 0].double().sum(0).cpu()
+        start_squares += targets[:, 0].double().pow(2).sum(0).cpu()
         if i < psnr_windows:
             b = min(psnr_windows - i, len(f))
             with autocast:                                   # this order: the same noise each eval
@@ -820,31 +832,43 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
                                                                         (shuffled, True)))
             truth = normalize_frames(f[:b, 1:], model.cfg.image_size)
             start = normalize_frames(f[:b, :1], model.cfg.image_size).expand_as(truth)
-            drawn_psnr = psnr(drawn, truth)
-            for key, value in (("psnr_prediction", drawn_psnr), ("psnr_reconstruction", psnr(rebuilt, truth)),
-                               ("psnr_repeat_start", psnr(start, truth)), ("ssim_prediction", ssim(drawn, truth)),
-                               ("ssim_reconstruction", ssim(rebuilt, truth)), ("ssim_repeat_start", ssim(start, truth)),
-                               ("controllability", drawn_psnr - psnr(other, truth)),
+            for key, value in (("mse_prediction", mean_squared_error(drawn, truth)),
+                               ("mse_reconstruction", mean_squared_error(rebuilt, truth)),
+                               ("mse_repeat_start", mean_squared_error(start, truth)),
+                               ("mse_shuffled", mean_squared_error(other, truth)),
+                               ("ssim_prediction", ssim(drawn, truth)), ("ssim_reconstruction", ssim(rebuilt, truth)),
+                               ("ssim_repeat_start", ssim(start, truth)),
                                ("sharp_prediction", sharpness(drawn)), ("sharp_truth", sharpness(truth))):
                 sums[key] = sums.get(key, 0) + value.sum(0).cpu()
-    metrics = {"val_loss": (errors[0, :model.cfg.rollout].sum() / len(frames) / model.cfg.rollout).item(),
-               "pred_copy": (errors[0] / errors[1]).tolist(), "action_sensitivity": (errors[2].sum() / errors[0].sum()).item(),
-               "target_std": torch.stack(target_std).mean().item()}
+    n = len(frames)
+    variance = (start_squares - start_sum ** 2 / n) / (n - 1) if n > 1 else None     # per (token, feature)
+    metrics = {"val_loss": (errors[0, :model.cfg.rollout].sum() / n / model.cfg.rollout).item(),
+               "pred_copy": ratio(errors[0], errors[1]), "action_sensitivity": ratio(errors[2].sum(), errors[0].sum())[0],
+               "target_std": None if variance is None else variance.clamp_min(0).sqrt().mean().item()}
     if sums:
-        metrics.update({key: (sums[key] / min(psnr_windows, len(frames))).tolist() for key in sums
-                        if not key.startswith("sharp")})
-        metrics["sharpness"] = (sums["sharp_prediction"] / sums["sharp_truth"]).tolist()
+        drawn_windows = min(psnr_windows, n)
+        for name in ("prediction", "reconstruction", "repeat_start"):
+            metrics[f"psnr_{name}"] = psnr(sums[f"mse_{name}"] / drawn_windows).tolist()
+            metrics[f"ssim_{name}"] = (sums[f"ssim_{name}"] / drawn_windows).tolist()
+        metrics["controllability"] = (psnr(sums["mse_prediction"] / drawn_windows)
+                                      - psnr(sums["mse_shuffled"] / drawn_windows)).tolist()
+        metrics["sharpness"] = ratio(sums["sharp_prediction"], sums["sharp_truth"])
     model.train(was_training)
     return metrics
 
 
+def show(value, digits):
+    """A figure for a table: n/a where it could not be computed (None, NaN or infinite)."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
 def format_eval(step, metrics):
     def row(key, digits):
-        return " ".join(f"{v:.{digits}f}" for v in metrics[key])
+        return " ".join(show(v, digits) for v in metrics[key])
 
     text = (f"step {step}: val loss {metrics['val_loss']:.4f} | pred/copy h=1..{len(metrics['pred_copy'])}: "
-            f"{row('pred_copy', 2)} | action sensitivity {metrics['action_sensitivity']:.2f} | "
-            f"target std {metrics['target_std']:.3f}")
+            f"{row('pred_copy', 2)} | action sensitivity {show(metrics['action_sensitivity'], 2)} | "
+            f"target std {show(metrics['target_std'], 3)}")
     if "psnr_prediction" in metrics:
         text += (f"\n  PSNR dB h=1..: prediction {row('psnr_prediction', 1)} | repeat start {row('psnr_repeat_start', 1)}"
                  f" | reconstruction {row('psnr_reconstruction', 1)}"
@@ -880,6 +904,9 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path):
     """The checkpoint's dict, or an error that says what is wrong with the file."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint: give the checkpoint in it, "
+                              f"{os.path.join(path, 'ckpt.pt')}")
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no checkpoint there (train one first with `python iwm.py`, "
                               "or give the path of the run's ckpt.pt)")
@@ -944,13 +971,18 @@ def check_config(cfg):
     """Refuse settings that make no sense before any work starts, naming the flag and its range."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.type not in (int, float) or f.name == "seed":
+        if f.type is str and not value.strip():
+            raise ValueError(f"--{f.name}: must not be empty")
+        if f.type not in (int, float):
             continue
-        ok, rule = ((0 <= value <= 1, "between 0 and 1") if f.name in FRACTIONS else
+        ok, rule = ((0 <= value < prepare_data.SEEDS, f"between 0 and {prepare_data.SEEDS - 1}") if f.name == "seed" else
+                    (0 <= value <= 1, "between 0 and 1") if f.name in FRACTIONS else
                     (value >= 0, "0 or more") if f.name in MAY_BE_ZERO else
                     (value > 0, "at least 1" if f.type is int else "above 0"))
         if not ok:
             raise ValueError(f"--{f.name} {value}: must be {rule}")
+        if not math.isfinite(value):                    # --lr inf passes "above 0"
+            raise ValueError(f"--{f.name} {value}: must be finite")
     for width, heads in (("width", "heads"), ("decoder_width", "decoder_heads")):
         if getattr(cfg, width) % getattr(cfg, heads) or getattr(cfg, width) % 4:   # 2-D positions: 4 parts
             raise ValueError(f"--{width} {getattr(cfg, width)}: must be divisible by 4 and by --{heads} "
@@ -1038,6 +1070,9 @@ def prepare_run(cfg, say):
             prepare_data.main(["--synthetic", str(BUILTIN_EPISODES), "--out", cfg.data])
         if dist.is_initialized():
             dist.barrier()                                  # the other processes wait for it
+    if cfg.resume and not os.path.exists(os.path.join(cfg.data, "index.json")):
+        raise ValueError(f"{cfg.data}: the dataset this run trained on is not there (moved or deleted?); "
+                         "give its folder with --data")
     index, train_episodes, val_episodes = open_dataset(cfg)
     val_frames, val_actions, _ = WindowSampler(val_episodes, cfg.eval_horizon, cfg, "--eval_horizon").sample(
         cfg.eval_windows, torch.Generator().manual_seed(1234))    # the same windows every time
@@ -1060,33 +1095,15 @@ def prepare_run(cfg, say):
     return WindowSampler(train_episodes, cfg.rollout, cfg), val_frames, val_actions, error_windows, ckpt_path
 
 
-RUN_LOCKS = {}      # run folder -> its open lock file, held by this process until it exits
-
-
 def lock_run_folder(out_dir):
-    """Hold an exclusive lock on <out_dir>/run.lock while this process lives (the OS drops it even
-    after a kill -9), so that two runs never write one folder. Unix only: without fcntl
-    (Windows) nothing is locked."""
-    try:
-        import fcntl
-    except ImportError:
-        return
-    if os.path.realpath(out_dir) in RUN_LOCKS:          # this process holds it already (a resumed fit)
-        return
-    handle = open(os.path.join(out_dir, "run.lock"), "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise CheckpointError(f"{out_dir} is in use by another run of iwm.py: wait for it to end, or choose "
-                              "another --out_dir") from None
-    RUN_LOCKS[os.path.realpath(out_dir)] = handle
+    """Hold a lock on <out_dir>/run.lock while this process lives, so that two runs never write
+    one folder (prepare_data.lock_folder)."""
+    prepare_data.lock_folder(out_dir, "run.lock", "another run of iwm.py", "--out_dir")
 
 
 def release_run_folder(out_dir):
     """Give up this process's lock on the run folder (exiting does it too)."""
-    with contextlib.suppress(KeyError):
-        RUN_LOCKS.pop(os.path.realpath(out_dir)).close()
+    prepare_data.release_folder(out_dir)
 
 
 def non_finite_loss(loss, step, ckpt_path, dtype):
@@ -1094,6 +1111,16 @@ def non_finite_loss(loss, step, ckpt_path, dtype):
     kept = (f"{ckpt_path} holds the last good state" if os.path.exists(ckpt_path) else "no checkpoint was written yet")
     advice = "a lower --lr" + (" or --dtype float32" if dtype != torch.float32 else "")
     return f"loss became {loss} at step {step}; stopped without saving ({kept}). Try {advice}"
+
+
+def set_aside_log(out_dir):
+    """After a run that stopped before its first checkpoint: its log becomes log.failed.jsonl, so
+    that the folder takes a fresh run (there is nothing to resume, and nothing is erased)."""
+    log, ckpt = (os.path.join(out_dir, name) for name in ("log.jsonl", "ckpt.pt"))
+    if os.path.exists(ckpt) or not os.path.exists(log) or int(os.environ.get("RANK", 0)) > 0:
+        return ""
+    os.replace(log, os.path.join(out_dir, "log.failed.jsonl"))
+    return f"; its log is kept as {os.path.join(out_dir, 'log.failed.jsonl')}, and the folder takes a fresh run"
 
 
 def make_optimizer(model, cfg, device_type, dtype):
@@ -1159,9 +1186,7 @@ def mean_over_processes(values, device, world_size):
 def open_log(cfg, step):
     """Write config.json; open log.jsonl for appending, keeping only the records of steps up to
     `step`: a run killed after its last checkpoint logged steps that the resumed run logs again."""
-    with open(os.path.join(cfg.out_dir, "config.json.tmp"), "w") as f:      # written whole or not at all
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
-    os.replace(os.path.join(cfg.out_dir, "config.json.tmp"), os.path.join(cfg.out_dir, "config.json"))
+    prepare_data.write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))   # whole or not at all
     path, kept = os.path.join(cfg.out_dir, "log.jsonl"), []
     with open(path, "a+") as f:
         f.seek(0)
@@ -1309,6 +1334,7 @@ def parse_config(argv=None):
 
 
 def main(argv=None):
+    prepare_data.one_line_warnings()
     cfg = None
     try:
         cfg = parse_config(argv)
@@ -1319,7 +1345,9 @@ def main(argv=None):
             benchmark(cfg)
         else:
             fit(cfg)
-    except (CheckpointError, ValueError, FloatingPointError) as e:
+    except FloatingPointError as e:        # a diverged run: its log must not block the next one
+        raise SystemExit(f"error: {e}{set_aside_log(cfg.out_dir)}")
+    except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     except OSError as e:                   # a folder that cannot be written, a file that vanished
         raise SystemExit(f"error: {prepare_data.describe(e, cfg and cfg.out_dir)}")

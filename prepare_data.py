@@ -18,6 +18,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -25,6 +26,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 
@@ -64,14 +66,29 @@ class DatasetError(ValueError):
     """A problem with a dataset folder as a whole."""
 
 
-def checked(container, key, kind):
-    """container[key] if it is None (missing or null: no input) or of this kind (list, dict, or
-    float for any finite number: JSON readers accept NaN and Infinity); else EpisodeError."""
+FLOAT32_MAX = float(np.finfo(np.float32).max)   # a larger number would be stored as infinity
+EXPECTED = {float: f"a finite number (at most {FLOAT32_MAX:.3g} in size)", bool: "true or false",
+            str: "a string", int: "a whole number", list: "a list", dict: "an object"}
+
+
+def is_a(value, kind):
+    """Whether a parsed JSON value is of this kind. float: any number that is finite as a float32
+    (JSON readers accept NaN and Infinity). A JSON true or false is a bool, never a number."""
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= FLOAT32_MAX
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def checked(container, key, kind, item_kind=None):
+    """container[key] if it is None (missing or null: no input) or of this kind, a list's items
+    of item_kind; else EpisodeError naming the key and what was expected."""
     value = container.get(key)
-    if value is None or isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool):
-        if kind is not float or value is None or math.isfinite(value):
-            return value
-    raise EpisodeError(f"{key} is {value!r}, expected {'a finite number' if kind is float else kind.__name__}")
+    if value is not None and not is_a(value, kind):
+        raise EpisodeError(f"{key} is {value!r}, expected {EXPECTED[kind]}")
+    for item in value if item_kind and value else []:
+        if not is_a(item, item_kind):
+            raise EpisodeError(f"{key} holds {item!r}, expected only items that are {EXPECTED[item_kind]}")
+    return value
 
 
 def actions_from_lines(lines):
@@ -83,22 +100,23 @@ def actions_from_lines(lines):
     for i, line in enumerate(lines):
         try:
             mouse, keyboard = checked(line, "mouse", dict) or {}, checked(line, "keyboard", dict) or {}
-            new_buttons = checked(mouse, "newButtons", list) or []
+            new_buttons = checked(mouse, "newButtons", list, int) or []
             if i == 0:     # "attack stuck": the recorder, not the player, holds attack until pressed again
                 attack_stuck = new_buttons == [0]
             elif 0 in new_buttons:
                 attack_stuck = False
-            for key in checked(keyboard, "keys", list) or []:
+            for key in checked(keyboard, "keys", list, str) or []:
                 if key in KEY_TO_ACTION:
                     actions[i, COLUMN[KEY_TO_ACTION[key]]] = 1
-            for button in checked(mouse, "buttons", list) or []:
+            for button in checked(mouse, "buttons", list, int) or []:
                 if button in BUTTON_TO_ACTION and not (button == 0 and attack_stuck):
                     actions[i, COLUMN[BUTTON_TO_ACTION[button]]] = 1
             # Floats on purpose: OpenAI's loader stored these in an int array and lost every
             # move under one degree (their issue #54).
             actions[i, COLUMN["camera_pitch"]] = (checked(mouse, "dy", float) or 0) * CAMERA_DEGREES_PER_UNIT
             actions[i, COLUMN["camera_yaw"]] = (checked(mouse, "dx", float) or 0) * CAMERA_DEGREES_PER_UNIT
-            actions[i, COLUMN["gui_open"]] = float(bool(line.get("isGuiOpen")))
+            actions[i, COLUMN["gui_open"]] = float(bool(checked(line, "isGuiOpen", bool)))
+            checked(mouse, "x", float), checked(mouse, "y", float)      # where read_frames draws the cursor
             hotbars.append(checked(line, "hotbar", float))
             states.append([checked(line, k, float) for k in STATE_COLUMNS])
         except EpisodeError as e:
@@ -118,7 +136,7 @@ def actions_from_lines(lines):
 def read_jsonl(path):
     """Parse a VPT action file: one JSON object per line. Errors name the file and line."""
     lines = []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:     # -sig: a leading BOM is no error
         for number, text in enumerate(f, start=1):
             if not text.strip():
                 continue
@@ -138,7 +156,7 @@ def read_jsonl(path):
 def draw_cursor(frame_bgr, x, y):
     """Draw a 16x16 arrow cursor at window position (x, y). VPT videos have no OS cursor, so
     with a GUI open the player saw one we must add (as OpenAI's loader does, with an image)."""
-    tip = np.array([x, y]) * VIDEO_SIZE[1] / WINDOW_HEIGHT
+    tip = np.clip(np.array([x, y]) * VIDEO_SIZE[1] / WINDOW_HEIGHT, -100, 1000)   # far off-screen: not drawn
     arrow = np.array([[0, 0], [0, 14], [4, 10], [7, 16], [9, 15], [6, 9], [11, 9]], np.float64)
     points = np.round(tip + arrow).astype(np.int32)
     cv2.fillPoly(frame_bgr, [points], (255, 255, 255))
@@ -197,25 +215,34 @@ def read_episode(video_path, jsonl_path, res):
 # -----------------------------------------------------------------------------
 # The dataset: one folder, one subfolder per finished episode, an index with the split
 
-def split_of(stem, val_fraction):
-    """Deterministic train/val split by recording session. Chunks of one session share the
-    alias and session id (<alias>-<12 hex id>-<date>-<time>), so they land on the same side."""
-    parts = stem.rsplit("-", 2)
-    session = parts[0] if len(parts) == 3 else stem
-    return "val" if int.from_bytes(hashlib.sha1(session.encode()).digest()[:8], "big") / 2 ** 64 < val_fraction else "train"
+VPT_STEM = re.compile(r"(.+-[0-9a-f]{12})-\d{8}-\d{6}")   # <alias>-<12 hex session id>-<date>-<time>
+
+
+def session_of(stem):
+    """The recording session of an episode: VPT's chunks of one session share <alias>-<id>. An
+    episode named any other way (your own recordings) is a session of its own."""
+    match = VPT_STEM.fullmatch(stem)
+    return match.group(1) if match else stem
+
+
+def split_of(stem, val_fraction, split_by="session"):
+    """Deterministic train/val split by recording session (or, with split_by="episode", by
+    episode), so that chunks of one session land on the same side."""
+    key = session_of(stem) if split_by == "session" else stem
+    return "val" if int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2 ** 64 < val_fraction else "train"
 
 
 def convert_episode(video_path, jsonl_path, out_dir, res):
     """Convert one raw episode into <out_dir>/episodes/<stem>/ and return its meta dict. Written
     to a temporary folder and renamed at the end, so a killed run never leaves a half-written
     episode that loads; a finished episode is skipped on a rerun."""
-    stem = os.path.basename(video_path)[:-len(".mp4")]
+    stem = os.path.splitext(os.path.basename(video_path))[0]
     final = os.path.join(out_dir, "episodes", stem)
     meta = read_meta(final)
     if meta is not None:
         return meta
     frames, actions, state = read_episode(video_path, jsonl_path, res)
-    tmp = os.path.join(out_dir, "episodes", f".tmp-{stem}-{os.getpid()}")
+    tmp = os.path.join(out_dir, PARTIAL, stem)
     try:
         os.makedirs(tmp)
         for name, array in (("frames", frames), ("actions", actions), ("state", state)):
@@ -257,60 +284,115 @@ def _convert_job(job):
 def find_episodes(raw_dir):
     """Pairs (mp4, jsonl) in a folder; a file without its partner is reported, not converted.
     A folder with no pair but videos in its subfolders is an error that names them."""
-    names, pairs, problems = set(os.listdir(raw_dir)), [], []
-    for name in sorted(names):
-        stem, ext = os.path.splitext(name)
-        partner = stem + {".mp4": ".jsonl", ".jsonl": ".mp4"}.get(ext, "")
-        if ext == ".mp4" and partner in names:
-            pairs.append((os.path.join(raw_dir, name), os.path.join(raw_dir, partner)))
-        elif ext in (".mp4", ".jsonl") and partner not in names:
-            problems.append(f"{os.path.join(raw_dir, name)}: no matching {partner}")
-    below = [] if pairs or problems else sorted({os.path.dirname(p) for p in glob.glob(
-        os.path.join(raw_dir, "**", "*.mp4"), recursive=True)})
-    if below:
-        raise DatasetError(f"{raw_dir}: no <stem>.mp4 + <stem>.jsonl pairs in it, but there are .mp4 files in "
-                           f"{', '.join(below[:3])}: pass that folder to --vpt")
-    return pairs, problems
+    files = {os.path.splitext(name): name for name in os.listdir(raw_dir)}      # (stem, ext) -> name
+    by_stem = {}                                         # stem -> {".mp4": name, ".jsonl": name}, any case
+    for (stem, ext), name in sorted(files.items()):
+        if ext.lower() in (".mp4", ".jsonl"):
+            by_stem.setdefault(stem, {})[ext.lower()] = name
+    pairs, problems = [], []
+    for stem, found in by_stem.items():
+        if len(found) == 2:
+            pairs.append((os.path.join(raw_dir, found[".mp4"]), os.path.join(raw_dir, found[".jsonl"])))
+        else:
+            (name, missing), = ((name, {".mp4": ".jsonl", ".jsonl": ".mp4"}[ext]) for ext, name in found.items())
+            problems.append(f"{os.path.join(raw_dir, name)}: no matching {stem}{missing}")
+    if pairs or problems:
+        return pairs, problems
+    below = sorted({os.path.dirname(path) for path in glob.glob(os.path.join(glob.escape(raw_dir), "**", "*.*"),
+                                                                 recursive=True) if path.lower().endswith(".mp4")})
+    raise DatasetError(f"{raw_dir}: no <stem>.mp4 + <stem>.jsonl pairs in it" + (
+        f", but there are .mp4 files in {', '.join(below[:3])}: pass that folder to --vpt" if below else ""))
+
+
+PARTIAL = "partial"      # <out>/partial: episodes and built-in recordings being written (ours alone)
+
+
+def episode_folders(out_dir):
+    """Names of the folders in <out_dir>/episodes, sorted (a name may start with a dot)."""
+    folder = os.path.join(out_dir, "episodes")
+    return sorted(name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name)))
+
+
+def jsonl_beside(video_path):
+    """The <stem>.jsonl (extensions in any case) beside a <stem>.mp4, or None."""
+    folder, (stem, ext) = os.path.dirname(video_path) or ".", os.path.splitext(os.path.basename(video_path))
+    if ext.lower() != ".mp4" or not os.path.isfile(video_path):
+        return None
+    return next((os.path.join(folder, name) for name in sorted(os.listdir(folder))
+                 if os.path.splitext(name)[0] == stem and os.path.splitext(name)[1].lower() == ".jsonl"), None)
 
 
 def start_dataset(out_dir, res):
-    """Create the folders, refuse a folder of another resolution (its index says so, or, after a
-    run killed before it wrote one, its episodes' frames), and remove what killed runs left
-    behind (half-written episode folders and built-in recordings)."""
+    """Create the folders, refuse a folder of another resolution (its index says so,
+    or, after a run killed before it wrote one, its episodes' frames), and remove what killed
+    runs left in <out_dir>/partial. Nothing else in the folder is touched."""
     os.makedirs(os.path.join(out_dir, "episodes"), exist_ok=True)
     sizes = {read_index(out_dir)["resolution"]} if os.path.exists(os.path.join(out_dir, "index.json")) else set()
-    for frames in glob.glob(os.path.join(out_dir, "episodes", "*", "frames.npy")):
+    for name in episode_folders(out_dir):
         with contextlib.suppress(OSError, ValueError):
-            sizes.add(np.load(frames, mmap_mode="r").shape[1])
+            sizes.add(np.load(os.path.join(out_dir, "episodes", name, "frames.npy"), mmap_mode="r").shape[1])
     if sizes - {res}:
         old = min(sizes - {res})
         raise DatasetError(f"{out_dir} already holds {old}x{old} episodes; use another --out for --res {res}")
-    for path in glob.glob(os.path.join(out_dir, "episodes", ".tmp-*")) + glob.glob(os.path.join(out_dir, "raw", "*.tmp*")):
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
+    shutil.rmtree(os.path.join(out_dir, PARTIAL), ignore_errors=True)
+    os.makedirs(os.path.join(out_dir, PARTIAL))
 
 
-def convert_folder(raw_dir, out_dir, res, source, workers=2, val_fraction=0.1):
+FOLDER_LOCKS = {}      # folder -> its open lock file, held by this process until it exits
+
+
+def lock_folder(folder, lock_name, holder, flag):
+    """Hold an exclusive lock on <folder>/<lock_name> while this process lives (the OS drops it
+    even after a kill -9), so that two runs never write one folder. Unix only: without fcntl
+    (Windows) nothing is locked. Returns whether this call took the lock."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    if os.path.realpath(folder) in FOLDER_LOCKS:        # this process holds it already
+        return False
+    handle = open(os.path.join(folder, lock_name), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise DatasetError(f"{folder} is in use by {holder}: wait for it to end, or choose another {flag}") from None
+    FOLDER_LOCKS[os.path.realpath(folder)] = handle
+    return True
+
+
+def release_folder(folder):
+    """Give up this process's lock on a folder (exiting does it too)."""
+    with contextlib.suppress(KeyError):
+        FOLDER_LOCKS.pop(os.path.realpath(folder)).close()
+
+
+def convert_folder(raw_dir, out_dir, res, source, workers=2, val_fraction=0.1, split_by="session"):
     """Convert every episode pair in raw_dir, then write the index. Returns (converted, problems)."""
     pairs, problems = find_episodes(raw_dir)
     return run_jobs(_convert_job, [(video, jsonl, out_dir, res) for video, jsonl in pairs], "convert", out_dir, res,
-                    source, workers, val_fraction, problems)
+                    source, workers, (val_fraction, split_by), problems)
 
 
-def run_jobs(job, jobs, desc, out_dir, res, source, workers, val_fraction, problems=()):
+def run_jobs(job, jobs, desc, out_dir, res, source, workers, split, problems=()):
     """Run one episode per process (both cores busy), report each failure and go on, then write
-    the index. Returns (episodes converted, problems)."""
-    start_dataset(out_dir, res)
-    problems, converted = list(problems), 0
-    with Pool(workers, initializer=quiet_worker) as pool:   # leaving the block (an error, Ctrl-C, SIGTERM) ends the workers
-        for meta, problem in tqdm(pool.imap_unordered(job, jobs), total=len(jobs), desc=desc, unit="episode"):
-            if problem:
-                problems.append(problem)
-                tqdm.write(f"skipped: {problem}")
-            converted += meta is not None
-    write_index(out_dir, res, source, val_fraction)
+    the index with split = (val_fraction, split_by). The dataset folder is locked meanwhile: two
+    conversions into one folder would remove each other's work. Returns (episodes converted, problems)."""
+    os.makedirs(out_dir, exist_ok=True)
+    locked = lock_folder(out_dir, "convert.lock", "another run of prepare_data.py", "--out")
+    try:
+        start_dataset(out_dir, res)
+        problems, converted = list(problems), 0
+        with Pool(workers, initializer=quiet_worker) as pool:   # leaving the block (an error, Ctrl-C) ends the workers
+            for meta, problem in tqdm(pool.imap_unordered(job, jobs), total=len(jobs), desc=desc, unit="episode"):
+                if problem:
+                    problems.append(problem)
+                    tqdm.write(f"skipped: {problem}")
+                converted += meta is not None
+        write_index(out_dir, res, source, *split)
+    finally:
+        if locked:
+            release_folder(out_dir)
     print(f"{desc}: {converted} episodes in {out_dir}, skipped {len(problems)}" + "".join(f"\n  skipped: {p}" for p in problems))
     return converted, problems
 
@@ -324,24 +406,76 @@ def quiet_worker():
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
-def write_index(out_dir, res, source, val_fraction):
+def write_index(out_dir, res, source, val_fraction, split_by="session"):
     """Rebuild index.json from the finished episodes (written atomically)."""
     episodes = []
-    for folder in sorted(glob.glob(os.path.join(out_dir, "episodes", "*", ""))):
-        meta = read_meta(folder)
-        if meta is None:
-            print(f"skipped: {folder}: no readable meta.json (a conversion cut short); delete the folder and run again")
+    for name in episode_folders(out_dir):
+        meta = read_meta(os.path.join(out_dir, "episodes", name))
+        if meta is None or meta["name"] != name:
+            print(f"skipped: {os.path.join(out_dir, 'episodes', name)}: no readable meta.json of this episode (a "
+                  "conversion cut short, or copied in by hand); delete the folder and run again")
             continue
-        episodes.append({**meta, "split": split_of(os.path.basename(os.path.dirname(folder)), val_fraction)})
-    # A tiny dataset may hash no session to val: then the lowest-hash session goes there,
-    # still deterministic and still by episode.
-    if len(episodes) > 1 and all(e["split"] == "train" for e in episodes):
-        min(episodes, key=lambda e: hashlib.sha1(e["name"].encode()).hexdigest())["split"] = "val"
+        episodes.append({**meta, "split": split_of(name, val_fraction, split_by)})
+    balance_split(episodes, split_by)
     index = {"format": 1, "source": source, "fps": FPS, "resolution": res, "action_columns": ACTION_COLUMNS,
-             "state_columns": STATE_COLUMNS, "val_fraction": val_fraction, "episodes": episodes}
-    with open(os.path.join(out_dir, "index.json.tmp"), "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(os.path.join(out_dir, "index.json.tmp"), os.path.join(out_dir, "index.json"))
+             "state_columns": STATE_COLUMNS, "val_fraction": val_fraction, "split_by": split_by, "episodes": episodes}
+    write_json(os.path.join(out_dir, "index.json"), index)
+
+
+def balance_split(episodes, split_by):
+    """A small dataset may hash every session to one side: then the lowest-hash session goes to
+    validation (or the highest-hash one to training), still deterministic and still by session."""
+    groups = {}
+    for episode in episodes:
+        key = session_of(episode["name"]) if split_by == "session" else episode["name"]
+        groups.setdefault(hashlib.sha1(key.encode()).hexdigest(), []).append(episode)
+    sides = {e["split"] for e in episodes}
+    if len(groups) > 1 and len(sides) == 1:
+        moved, side = (min(groups), "val") if sides == {"train"} else (max(groups), "train")
+        for episode in groups[moved]:
+            episode["split"] = side
+
+
+def split_episodes(data_dir, index, episodes):
+    """(training episodes, validation episodes), or a DatasetError that says why one side is empty
+    and which flag fixes it."""
+    train = [e for e in episodes if e["split"] == "train"]
+    val = [e for e in episodes if e["split"] == "val"]
+    if train and val:
+        return train, val
+    by = index.get("split_by", "session")
+    groups = len({session_of(e["name"]) if by == "session" else e["name"] for e in episodes})
+    advice = ("add episodes" if len(episodes) < 2 else
+              f"add episodes of another recording session, or split by episode: python prepare_data.py "
+              f"--vpt <your folder> --out {data_dir} --split episode" if groups == 1 else
+              f"rebuild its index: run prepare_data.py again with --out {data_dir}")
+    raise DatasetError(f"{data_dir}: needs both training and validation episodes, and its split (by {by}; "
+                       f"{groups} {'session' if by == 'session' else 'episode'}{'s' * (groups != 1)}) puts "
+                       f"{len(train)} in training and {len(val)} in validation: {advice}")
+
+
+def strict(value):
+    """value with every non-finite float (NaN, infinity) replaced by None: strict JSON, which any
+    reader takes, has no such numbers. A figure that cannot be computed is null, not a number."""
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def to_json(value, **options):
+    """value as strict JSON text (json.dumps options may follow)."""
+    return json.dumps(strict(value), allow_nan=False, **options)
+
+
+def write_json(path, value):
+    """Write strict JSON to path, whole or not at all (a temporary file, then a rename)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(to_json(value, indent=1))
+    os.replace(path + ".tmp", path)
 
 
 def read_index(data_dir):
@@ -794,14 +928,16 @@ class ScriptedPlayer:
         return PlayerInput(keys={f"key.keyboard.{k}" for k in keys}, dx=dx, dy=dy, buttons=buttons, dwheel=dwheel)
 
 
-def write_synthetic_episode(raw_dir, stem, seed, n_frames):
+def write_synthetic_episode(raw_dir, stem, seed, n_frames, partial_dir=None):
     """Play one episode in the built-in world and record it exactly like a VPT episode:
-    <stem>.mp4 (640x360, 20 fps) and <stem>.jsonl. Files appear only when complete."""
+    <stem>.mp4 (640x360, 20 fps) and <stem>.jsonl. Files appear only when complete: they are
+    written in partial_dir (default raw_dir), then renamed."""
     video_path, jsonl_path = os.path.join(raw_dir, stem + ".mp4"), os.path.join(raw_dir, stem + ".jsonl")
     if os.path.exists(video_path) and os.path.exists(jsonl_path):
         return
     world, player, previous = World(seed), ScriptedPlayer(seed), PlayerInput()
-    tmp_video, tmp_jsonl = f"{video_path}.{os.getpid()}.tmp.mp4", f"{jsonl_path}.{os.getpid()}.tmp"
+    tmp = os.path.join(partial_dir or raw_dir, f"{stem}.{os.getpid()}.tmp")
+    tmp_video, tmp_jsonl = tmp + ".mp4", tmp + ".jsonl"
     writer = cv2.VideoWriter(tmp_video, cv2.VideoWriter_fourcc(*"mp4v"), FPS, VIDEO_SIZE)
     with open(tmp_jsonl, "w") as f:
         for tick in range(n_frames):
@@ -829,21 +965,22 @@ def _synthetic_job(job):
     """Pool worker: play, record and convert one built-in-world episode."""
     raw_dir, out_dir, stem, seed, n_frames, res = job
     try:
-        write_synthetic_episode(raw_dir, stem, seed, n_frames)
+        write_synthetic_episode(raw_dir, stem, seed, n_frames, os.path.join(out_dir, PARTIAL))
     except Exception as e:   # a full disk, say: reported, and the other episodes go on
         return None, f"{stem}: {type(e).__name__}: {e}"
     meta, problem = _convert_job((os.path.join(raw_dir, stem + ".mp4"), os.path.join(raw_dir, stem + ".jsonl"), out_dir, res))
     return meta, problem and f"{problem} (delete {os.path.join(raw_dir, stem)}.* to record it again)"
 
 
-def make_synthetic(n_episodes, out_dir, res, n_frames, seed, workers, val_fraction):
+def make_synthetic(n_episodes, out_dir, res, n_frames, seed, workers, val_fraction, split_by="session"):
     """Write n episodes of the built-in world as VPT files under <out>/raw, converting each as soon
     as it is written, then write the index. Returns the number converted."""
     os.makedirs(os.path.join(out_dir, "raw"), exist_ok=True)
     # Stems shaped like VPT's <alias>-<12 hex session id>-<date>-<time>; one session each
     jobs = [(os.path.join(out_dir, "raw"), out_dir, f"builtin-{seed * 100_000 + i:012x}-20260101-000000", seed * 100_000 + i,
              n_frames, res) for i in range(n_episodes)]
-    return run_jobs(_synthetic_job, jobs, "built-in world", out_dir, res, "builtin", workers, val_fraction)[0]
+    return run_jobs(_synthetic_job, jobs, "built-in world", out_dir, res, "builtin", workers,
+                    (val_fraction, split_by))[0]
 
 
 # -----------------------------------------------------------------------------
@@ -933,7 +1070,7 @@ def download_episodes(index, n, raw_dir, timeout=TIMEOUT):
     """Download the first n complete episodes of an index into raw_dir; files missing on the
     server are skipped, as some listed files are. Returns the number downloaded."""
     os.makedirs(raw_dir, exist_ok=True)
-    have = len(find_episodes(raw_dir)[0]) if glob.glob(os.path.join(raw_dir, "*.mp4")) else 0
+    have = len(find_episodes(raw_dir)[0]) if any(name.lower().endswith(".mp4") for name in os.listdir(raw_dir)) else 0
     if have >= n:                      # a rerun after a finished download asks the server nothing
         print(f"{raw_dir} holds {have} episodes already: nothing to download")
         return n
@@ -1000,28 +1137,52 @@ def at_least(low, kind=int, below=None):
     return parse
 
 
+def non_empty(text):
+    """An argparse type: a path or name that is not empty."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+SEEDS = 10 ** 9      # seeds are 0 .. SEEDS - 1: every seed derived from one stays in range
+
+
+def one_line_warnings():
+    """A library's warning as one line ("warning: ..."), without the source line it came from."""
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+
+
 def main(argv=None):
+    one_line_warnings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--synthetic", type=at_least(1), metavar="N", help="write N built-in-world episodes and convert them")
-    source.add_argument("--vpt", metavar="DIR", help="convert a folder of <stem>.mp4 + <stem>.jsonl pairs")
-    source.add_argument("--download", metavar="INDEX", help="a VPT index: file, URL or name like all_6xx_Jun_29.json")
+    source.add_argument("--vpt", metavar="DIR", type=non_empty, help="convert a folder of <stem>.mp4 + <stem>.jsonl pairs")
+    source.add_argument("--download", metavar="INDEX", type=non_empty,
+                        help="a VPT index: file, URL or name like all_6xx_Jun_29.json")
     parser.add_argument("--n", type=at_least(1), default=10, help="episodes to download (with --download)")
-    parser.add_argument("--out", help="dataset folder (default data/builtin, or data/vpt for real data)")
+    parser.add_argument("--out", type=non_empty, help="dataset folder (default data/builtin, or data/vpt for real data)")
     parser.add_argument("--res", type=int, default=64, choices=[64, 128, 224], help="frame size in pixels")
     parser.add_argument("--frames", type=at_least(10), default=300, help="frames per built-in-world episode (20 per second)")
-    parser.add_argument("--seed", type=int, default=0, help="built-in world: episode i uses seed*100000+i")
+    parser.add_argument("--seed", type=at_least(0, below=SEEDS), default=0,
+                        help="built-in world: episode i uses seed*100000+i")
     parser.add_argument("--workers", type=at_least(1), default=2, help="processes (one episode each)")
     parser.add_argument("--val_fraction", type=at_least(0.001, float, below=1), default=0.1,
                         help="share of sessions held out for validation")
+    parser.add_argument("--split", choices=["session", "episode"], default="session",
+                        help="keep each recording session on one side (default), or split episode by episode")
     parser.add_argument("--timeout", type=at_least(0.1, float), default=TIMEOUT, help="seconds to wait for the server")
     args = parser.parse_args(argv)
     out, started, download_failed = args.out or ("data/builtin" if args.synthetic else "data/vpt"), time.time(), None
+    if args.vpt and not os.path.isdir(args.vpt):
+        sys.exit(f"error: --vpt {args.vpt}: no such folder")
     try:
         with stop_on_signals() as stopped_by:
+            os.makedirs(out, exist_ok=True)
+            lock_folder(out, "convert.lock", "another run of prepare_data.py", "--out")   # before any download
             if args.synthetic:
                 converted = make_synthetic(args.synthetic, out, args.res, args.frames, args.seed, args.workers,
-                                           args.val_fraction)
+                                           args.val_fraction, args.split)
             else:
                 raw_dir = args.vpt or os.path.join(out, "raw")
                 if args.download:
@@ -1032,7 +1193,7 @@ def main(argv=None):
                         print(f"download stopped: {e}")
                 if not os.path.isdir(raw_dir):
                     raise download_failed or DatasetError(f"{raw_dir}: no such folder")
-                converted = convert_folder(raw_dir, out, args.res, "vpt", args.workers, args.val_fraction)[0]
+                converted = convert_folder(raw_dir, out, args.res, "vpt", args.workers, args.val_fraction, args.split)[0]
     except (DatasetError, DownloadError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:

@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 
 import cv2
@@ -102,15 +103,20 @@ def run_rollouts(model, cfg, episodes, args, out):
     columns = ["pred_copy", "psnr_prediction", "psnr_repeat_start", "psnr_reconstruction", "ssim_prediction",
                "ssim_repeat_start", "ssim_reconstruction", "sharpness", "controllability"]
     table = [{"h": h + 1, **{c: metrics[c][h] for c in columns}} for h in range(args.horizon)]
-    print("PSNR (dB) and SSIM against the true frame, of the prediction / repeating the start frame / the decoded\n"
-          "true latent; sharpness: the prediction's Laplacian variance / the truth's; controllability: PSNR with\n"
-          "the true actions - with another window's (dB)\n"
+    print("PSNR (dB, of the mean squared error over the windows) and SSIM against the true frame, of the prediction /\n"
+          "repeating the start frame / the decoded true latent; sharpness: the prediction's Laplacian variance / the\n"
+          "truth's; controllability: PSNR with the true actions - with another window's (dB); n/a: cannot be computed\n"
           " h | pred/copy |  PSNR pred / repeat / recon |  SSIM pred / repeat / recon | sharpness | controllability")
+    widths = dict(pred_copy=(9, 3), psnr_prediction=(10, 2), psnr_repeat_start=(6, 2), psnr_reconstruction=(5, 2),
+                  ssim_prediction=(10, 3), ssim_repeat_start=(6, 3), ssim_reconstruction=(5, 3), sharpness=(9, 2),
+                  controllability=(15, 2))
     for row in table:
-        print(f"{row['h']:2d} | {row['pred_copy']:9.3f} | {row['psnr_prediction']:10.2f} / {row['psnr_repeat_start']:6.2f} / "
-              f"{row['psnr_reconstruction']:5.2f} | {row['ssim_prediction']:10.3f} / {row['ssim_repeat_start']:6.3f} / "
-              f"{row['ssim_reconstruction']:5.3f} | {row['sharpness']:9.2f} | {row['controllability']:15.2f}")
-    print(f"action sensitivity {metrics['action_sensitivity']:.2f}, target std {metrics['target_std']:.3f}")
+        cell = {key: f"{iwm.show(row[key], digits):>{width}s}" for key, (width, digits) in widths.items()}
+        print(f"{row['h']:2d} | {cell['pred_copy']} | {cell['psnr_prediction']} / {cell['psnr_repeat_start']} / "
+              f"{cell['psnr_reconstruction']} | {cell['ssim_prediction']} / {cell['ssim_repeat_start']} / "
+              f"{cell['ssim_reconstruction']} | {cell['sharpness']} | {cell['controllability']}")
+    print(f"action sensitivity {iwm.show(metrics['action_sensitivity'], 2)}, "
+          f"target std {iwm.show(metrics['target_std'], 3)}")
     for i, (episode, start) in enumerate(tqdm(sampler.sample_positions(args.n, torch.Generator().manual_seed(args.seed + 1)),
                                               desc="rollout GIFs", unit="gif")):
         frames, recorded = (torch.from_numpy(x)[None].to(args.device) for x in sampler.window_at(episode, start))
@@ -173,9 +179,11 @@ def fit_ridge(features, targets, l2=1e-3):
 
 
 def r_squared(predicted, targets):
-    """Per column: 1 - squared error / variance. 1 is perfect; 0 is no better than the mean."""
+    """Per column: 1 - squared error / variance. 1 is perfect; 0 is no better than the mean; NaN
+    (cannot be computed) where the targets do not vary, as with one validation frame."""
     targets = targets.double()
-    return 1 - (predicted - targets).pow(2).sum(0) / (targets - targets.mean(0)).pow(2).sum(0)
+    variance = (targets - targets.mean(0)).pow(2).sum(0)
+    return torch.where(variance > 0, 1 - (predicted - targets).pow(2).sum(0) / variance, float("nan"))
 
 
 def probe_data(model, episodes, every):
@@ -207,7 +215,7 @@ def run_probes(model, cfg, train_episodes, val_episodes, args):
           f"episodes, every {args.probe_every} frame(s), ridge l2 {args.probe_l2})")
     print(f"{'encoder, pooling':28s}" + "".join(f"{t:>9s}" for t in PROBE_TARGETS))
     for name, values in scores.items():
-        print(f"{name:28s}" + "".join(f"{v:9.3f}" for v in values.values()))
+        print(f"{name:28s}" + "".join(f"{iwm.show(v, 3):>9s}" for v in values.values()))
     return "probe", {"r_squared": scores}
 
 
@@ -250,16 +258,20 @@ def run_surprise(model, cfg, args, model_steps=40, teleport_step=20):
     for trial in tqdm(range(args.trials), desc="surprise episodes", unit="episode", leave=False):
         frames, windows = played_episode(10_000 + trial, model_steps, cfg, teleport_step)
         errors = surprise(model, frames.to(args.device), windows.to(args.device)).cpu().numpy()
-        ratios.append(errors[teleport_step] / np.median(np.delete(errors, teleport_step)))
+        median = np.median(np.delete(errors, teleport_step))
+        if median > 0:                                      # else the ratio cannot be computed
+            ratios.append(errors[teleport_step] / median)
         largest += int(errors.argmax() == teleport_step)
         if trial == 0:
             tqdm.write(f"prediction error (x1000) per step of episode 1, teleported between frames "
                        f"{teleport_step} and {teleport_step + 1}:\n  " + " ".join(f"{1000 * e:.0f}" for e in errors))
-    print(f"surprise over {args.trials} teleport episodes: the teleport step's error is {np.median(ratios):.1f}x "
-          f"the median step's (median over episodes; lowest {np.min(ratios):.1f}x, highest {np.max(ratios):.0f}x); "
-          f"it is the episode's largest error in {largest} of {args.trials}")
-    return "surprise", {"teleport_over_median_step": float(np.median(ratios)), "lowest": float(np.min(ratios)),
-                        "teleport_step_largest": largest, "trials": args.trials}
+    median, lowest, highest = (float(f(ratios)) if ratios else None for f in (np.median, np.min, np.max))
+    print(f"surprise over {args.trials} teleport episodes: the teleport step's error is {iwm.show(median, 1)}x "
+          f"the median step's (median over the {len(ratios)} episodes where the other steps' error is not 0; lowest "
+          f"{iwm.show(lowest, 1)}x, highest {iwm.show(highest, 0)}x); it is the episode's largest error in "
+          f"{largest} of {args.trials}")
+    return "surprise", {"teleport_over_median_step": median, "lowest": lowest, "teleport_step_largest": largest,
+                        "trials": args.trials}
 
 
 # -----------------------------------------------------------------------------
@@ -463,31 +475,50 @@ def run_planning(model, cfg, args, out):
 # Main: load the checkpoint, run one mode, write its results as JSON
 
 
+# The flags each mode reads beyond --ckpt, --out and --device: any other is refused, not ignored
+MODE_FLAGS = {"rollouts": {"data", "video", "horizon", "n", "windows", "euler_steps", "actions", "scale", "seed"},
+              "probe": {"data", "probe_every", "probe_l2", "seed"},
+              "surprise": {"trials"},
+              "plan": {"trials", "goal_seed", "plan_iterations", "n", "euler_steps", "scale", "seed"}}
+
+
 def parse_args(argv):
-    parser, positive = argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), prepare_data.at_least(1)
-    parser.add_argument("--ckpt", default="runs/iwm/ckpt.pt", help="checkpoint written by iwm.py")
-    parser.add_argument("--data", help="dataset folder (default: the one the checkpoint trained on)")
-    parser.add_argument("--video", help="a raw VPT <stem>.mp4 (with <stem>.jsonl) instead of a dataset")
-    parser.add_argument("--out", help="folder for GIFs and results (default: <ckpt folder>/samples)")
-    parser.add_argument("--horizon", type=positive, default=16, help="open-loop model steps per rollout")
-    parser.add_argument("--n", type=prepare_data.at_least(0), default=4, help="GIFs to write")
-    parser.add_argument("--windows", type=positive, default=64, help="validation windows for the metric table")
-    parser.add_argument("--euler_steps", type=positive, help="decoder Euler steps per frame (default: the checkpoint's)")
+    at_least, text = prepare_data.at_least, prepare_data.non_empty
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--ckpt", type=text, default="runs/iwm/ckpt.pt", help="checkpoint written by iwm.py")
+    parser.add_argument("--data", type=text, help="dataset folder (default: the one the checkpoint trained on)")
+    parser.add_argument("--video", type=text, help="a raw VPT <stem>.mp4 (with <stem>.jsonl) instead of a dataset")
+    parser.add_argument("--out", type=text, help="folder for GIFs and results (default: <ckpt folder>/samples)")
+    parser.add_argument("--horizon", type=at_least(1), default=16, help="open-loop model steps per rollout")
+    parser.add_argument("--n", type=at_least(0), default=4, help="GIFs to write")
+    parser.add_argument("--windows", type=at_least(1), default=64, help="validation windows for the metric table")
+    parser.add_argument("--euler_steps", type=at_least(1), help="decoder Euler steps per frame (default: the checkpoint's)")
     parser.add_argument("--actions", help=f"comma-separated scripts to compare: {', '.join(SCRIPTS)}")
-    parser.add_argument("--scale", type=positive, default=3, help="pixel upscaling in the GIFs")
-    parser.add_argument("--seed", type=int, default=0, help="which windows, and the decoder's noise")
+    parser.add_argument("--scale", type=at_least(1), default=3, help="pixel upscaling in the GIFs")
+    parser.add_argument("--seed", type=at_least(0, below=prepare_data.SEEDS), default=0,
+                        help="which windows, and the decoder's noise")
     parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--probe", action="store_true", help="linear probes of yaw, pitch, position vs a random encoder")
     mode.add_argument("--surprise", action="store_true", help="prediction error around a teleport (built-in world)")
     mode.add_argument("--plan", action="store_true", help="goal reaching by planning in the built-in world")
-    parser.add_argument("--probe_every", type=positive, default=1, help="--probe: every n-th frame of each episode")
-    parser.add_argument("--probe_l2", type=prepare_data.at_least(1e-12, float), default=1e-5, help="--probe: ridge penalty")
-    parser.add_argument("--trials", type=positive, default=50, help="--plan: goals of each kind; --surprise: episodes")
-    parser.add_argument("--goal_seed", type=int, default=20_000, help="--plan: world seed of the first turning goal "
-                        "(walking goals start 1000 later); another value gives goals no setting was tuned on")
-    parser.add_argument("--plan_iterations", type=positive, default=4, help="--plan: CEM iterations per plan")
+    parser.add_argument("--probe_every", type=at_least(1), default=1, help="--probe: every n-th frame of each episode")
+    parser.add_argument("--probe_l2", type=at_least(1e-12, float), default=1e-5, help="--probe: ridge penalty")
+    parser.add_argument("--trials", type=at_least(1), default=50, help="--plan: goals of each kind; --surprise: episodes")
+    parser.add_argument("--goal_seed", type=at_least(0, below=prepare_data.SEEDS), default=20_000,
+                        help="--plan: world seed of the first turning goal (walking goals start 1000 later); "
+                             "another value gives goals no setting was tuned on")
+    parser.add_argument("--plan_iterations", type=at_least(1), default=4, help="--plan: CEM iterations per plan")
     args = parser.parse_args(argv)
+    given = {arg[2:].split("=")[0] for arg in (sys.argv[1:] if argv is None else argv) if arg.startswith("--")}
+    chosen = "plan" if args.plan else "surprise" if args.surprise else "probe" if args.probe else "rollouts"
+    for flag in sorted(given - MODE_FLAGS[chosen] - {"ckpt", "out", "device", chosen}):
+        parser.error(f"argument --{flag}: not used by " + (f"--{chosen}" if chosen != "rollouts" else
+                                                            "the rollouts (give --probe, --surprise or --plan)"))
+    if args.video and args.data:
+        parser.error("argument --data: not used with --video (the video is the data)")
+    if args.video and not prepare_data.jsonl_beside(args.video):
+        parser.error(f"argument --video: {args.video}: expected a <stem>.mp4 with its <stem>.jsonl beside it")
     args.actions = [script.strip() for script in args.actions.split(",")] if args.actions else []
     for script in args.actions:
         if script not in SCRIPTS:
@@ -508,14 +539,12 @@ def load_model(args):
 
 def read_video(path, cfg):
     """A raw VPT pair as one episode, converted on the fly by prepare_data's converter."""
-    jsonl = path[:-len(".mp4")] + ".jsonl"
-    if not path.endswith(".mp4") or not os.path.exists(jsonl):
-        raise ValueError(f"{path}: expected a <stem>.mp4 with its <stem>.jsonl beside it")
-    frames, actions, _ = prepare_data.read_episode(path, jsonl, cfg.image_size)
+    frames, actions, _ = prepare_data.read_episode(path, prepare_data.jsonl_beside(path), cfg.image_size)
     return {"frames": frames, "actions": actions}
 
 
 def main(argv=None):
+    prepare_data.one_line_warnings()
     args = parse_args(argv)
     out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples")
     try:
@@ -530,13 +559,14 @@ def main(argv=None):
         elif args.video:
             name, results = run_rollouts(model, cfg, [read_video(args.video, cfg)], args, out)
         else:
+            if not args.data and not os.path.exists(os.path.join(cfg.data, "index.json")):
+                raise ValueError(f"{cfg.data}: the dataset {args.ckpt} trained on is not there (moved or deleted?); "
+                                 "give its folder with --data")
             _, train_episodes, val_episodes = iwm.open_dataset(cfg)
             name, results = (run_probes(model, cfg, train_episodes, val_episodes, args) if args.probe
                              else run_rollouts(model, cfg, val_episodes, args, out))
         path = os.path.join(out, f"{name}.json")
-        with open(path + ".tmp", "w") as f:                 # written whole or not at all
-            json.dump({"checkpoint": args.ckpt, "step": state["step"], **results}, f, indent=1)
-        os.replace(path + ".tmp", path)
+        prepare_data.write_json(path, {"checkpoint": args.ckpt, "step": state["step"], **results})   # strict JSON
         print(f"wrote {path}" + (" and the GIFs beside it" if args.n and name in ("metrics", "plan") else ""))
     except (iwm.CheckpointError, ValueError, prepare_data.EpisodeError) as e:
         raise SystemExit(f"error: {e}")

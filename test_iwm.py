@@ -6,6 +6,7 @@ downloading, the world model (iwm.py).
 import dataclasses
 import http.server
 import json
+import math
 import os
 import shutil
 import signal
@@ -828,8 +829,8 @@ def test_a_walking_goal_from_a_walled_in_start_moves_to_the_next_world():
 
 def test_sample_py_plan_probe_and_surprise_write_their_results(builtin_dataset, tmp_path):
     iwm.fit(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=3))
-    common = ["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "s"), "--euler_steps", "2"]
-    sample.main(common + ["--plan", "--trials", "2", "--n", "1", "--scale", "1", "--goal_seed", "7"])
+    common = ["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "s")]
+    sample.main(common + ["--plan", "--trials", "2", "--n", "1", "--scale", "1", "--goal_seed", "7", "--euler_steps", "2"])
     results = json.load(open(tmp_path / "s" / "plan.json"))
     assert results["goal_seed"] == 7
     for kind in ("turning", "walking"):
@@ -1133,20 +1134,15 @@ def test_a_wrongly_typed_jsonl_field_names_the_file_and_line(tmp_path, field, va
 
 def test_leftovers_of_killed_runs_are_cleaned_and_unpaired_files_reported(builtin_raw, tmp_path):
     data = tmp_path / "data"
-    (data / "episodes" / ".tmp-builtin-000000000000-20260101-000000-1234").mkdir(parents=True)
-    (data / "raw").mkdir()
-    (data / "raw" / "builtin-000000000009-20260101-000000.mp4.99.tmp.mp4").write_bytes(b"half")
+    (data / "partial" / "builtin-000000000000-20260101-000000").mkdir(parents=True)   # a killed conversion's
+    (data / "partial" / "builtin-000000000009-20260101-000000.99.tmp.mp4").write_bytes(b"half")   # and recording's
     raw = tmp_path / "raw"
     shutil.copytree(builtin_raw, raw)
     (raw / "lonely-000000000001-20200101-000000.jsonl").write_text(json.dumps(line()))
     converted, problems = pd.convert_folder(str(raw), str(data), 64, "builtin")
     assert converted == 3 and any("lonely" in p and "no matching" in p for p in problems)
     assert sorted(os.listdir(data / "episodes")) == sorted(p.stem for p in builtin_raw.glob("*.mp4"))
-    assert not list((data / "raw").iterdir())
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    code, out = run_script("prepare_data.py", "--vpt", empty, "--out", tmp_path / "nothing")
-    assert code == 1 and "no episode was converted" in out
+    assert not list((data / "partial").iterdir())
 
 
 def test_an_unwritable_output_folder_is_one_clear_line(builtin_dataset, tmp_path):
@@ -1190,7 +1186,7 @@ def test_a_download_that_gets_nothing_exits_non_zero(loopback_server, tmp_path):
     base, root, stems = loopback_server
     (root / "index.json").write_text(json.dumps({"basedir": base, "relpaths": ["data/6.13/gone-000000000001-20220101-000000.mp4"]}))
     code, out = run_script("prepare_data.py", "--download", base + "index.json", "--out", tmp_path / "data")
-    assert code == 1 and "not on the server" in out and "no episode was converted" in out
+    assert code == 1 and "not on the server" in out and "no <stem>.mp4 + <stem>.jsonl pairs in it" in out
 
 
 # -----------------------------------------------------------------------------
@@ -1345,7 +1341,8 @@ def test_sigterm_stops_a_conversion_and_its_workers_at_once(tmp_path):
     process = subprocess.Popen([sys.executable, "prepare_data.py", "--synthetic", "40", "--frames", "200", "--out",
                                 str(tmp_path)], cwd=os.path.dirname(os.path.abspath(__file__)),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while not list(tmp_path.glob("raw/*.tmp*")):          # the workers are recording
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("partial/*.tmp*")) and time.time() < deadline:   # the workers are recording
         time.sleep(0.1)
     process.send_signal(signal.SIGTERM)
     text, _ = process.communicate(timeout=20)
@@ -1440,3 +1437,162 @@ def test_sample_py_decoding_with_the_base_preset_fits_a_12_gb_gpu(capsys):
         print(f"\nbase preset, sample.py's evaluation: peak allocated {memory.peak / 2 ** 30:.2f} GiB")
     assert sum(drawn) == 3 * 64 * 16 and max(drawn) <= 256          # all of it, in bounded chunks
     assert memory.peak < 10 * 2 ** 30
+
+
+# -----------------------------------------------------------------------------
+# Reliability, round 3: one test per class of defect (silent wrong data, splits, non-finite
+# figures, tracebacks, the user's files, ignored flags, misleading advice)
+
+
+def write_pair(folder, stem, lines, n_frames=None):
+    write_video(folder / f"{stem}.mp4", n_frames or len(lines))
+    write_jsonl(folder / f"{stem}.jsonl", lines)
+
+
+def test_no_input_gives_a_wrong_dataset_silently(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(3):
+        write_pair(raw, f"ok-{i:012x}-20200101-000000", [line() for _ in range(12)])
+    write_pair(raw, ".dotted-000000000009-20200101-000000", [line() for _ in range(12)])   # a stem with a dot first
+    out = tmp_path / "data[1]*?"                                # glob patterns in the folder's own name
+    converted, problems = pd.convert_folder(str(raw), str(out), 64, "vpt", workers=1)
+    _, episodes = pd.load_dataset(str(out))
+    assert converted == 4 and len(episodes) == 4 and ".dotted-000000000009-20200101-000000" in {e["name"] for e in episodes}
+    with pytest.raises(pd.DatasetError, match="already holds 64x64 episodes"):   # the resolution check sees them
+        pd.convert_folder(str(raw), str(out), 128, "vpt", workers=1)
+    for field, value, words in (("isGuiOpen", "false", "isGuiOpen is 'false', expected true or false"),
+                                ("yaw", 1e39, "yaw is 1e+39, expected a finite number"),
+                                ("mouse", {"dx": -4e38}, "dx is -4e+38, expected a finite number")):
+        lines = [line() for _ in range(4)]
+        lines[2][field] = value
+        with pytest.raises(pd.EpisodeError, match=f"line 3: {words}"):
+            pd.actions_from_lines(lines)
+
+
+def test_own_recordings_get_a_sensible_split_and_a_refusal_names_the_flag_that_fixes_it(tmp_path, capsys):
+    stems = [f"cave-2024-05-{day:02d}" for day in range(1, 11)]          # not VPT's <alias>-<id>-<date>-<time>
+    assert len({pd.session_of(s) for s in stems}) == 10
+    episodes = [{"name": s, "split": pd.split_of(s, 0.1)} for s in stems]
+    pd.balance_split(episodes, "session")
+    assert {e["split"] for e in episodes} == {"train", "val"}
+    one_session = [f"me-{7:012x}-20240501-{t:06d}" for t in range(4)]      # one VPT session, 4 chunks
+    split = [{"name": s, "split": pd.split_of(s, 0.5)} for s in one_session]
+    pd.balance_split(split, "session")
+    assert len({e["split"] for e in split}) == 1                          # a session is never cut in two
+    with pytest.raises(pd.DatasetError, match=r"split \(by session; 1 session\) puts .*--split episode"):
+        pd.split_episodes("data/mine", {"split_by": "session"}, split)
+    by_episode = [{"name": s, "split": pd.split_of(s, 0.5, "episode")} for s in one_session]
+    pd.balance_split(by_episode, "episode")
+    train, val = pd.split_episodes("data/mine", {"split_by": "episode"}, by_episode)
+    assert train and val
+    code, out = run_script("prepare_data.py", "--synthetic", "2", "--split", "sideways")
+    assert code == 2 and "--split: invalid choice" in out
+
+
+def test_a_figure_that_cannot_be_computed_is_null_in_strict_json_and_n_a_on_screen(builtin_dataset, tmp_path):
+    cfg = small_config()
+    model = iwm.WorldModel(cfg)
+    still = torch.full((1, 5, 64, 64, 3), 90, dtype=torch.uint8)          # one window where nothing moves
+    actions = torch.zeros(1, 4, cfg.action_window, A)
+    metrics = iwm.evaluate(model, still, actions, torch.device("cpu"), iwm.autocast_to("cpu", torch.float32),
+                           psnr_windows=1, euler_steps=1)
+    assert metrics["pred_copy"] == [None] * 4 and metrics["target_std"] is None and metrics["sharpness"] == [None] * 4
+    assert "pred/copy h=1..4: n/a n/a n/a n/a" in iwm.format_eval(1, metrics)
+    json.loads(pd.to_json(metrics), parse_constant=lambda name: pytest.fail(f"{name} in strict JSON"))
+    seventeen = torch.randint(0, 255, (17, 5, 64, 64, 3), dtype=torch.uint8)  # a last chunk of one window
+    metrics = iwm.evaluate(model, seventeen, torch.zeros(17, 4, cfg.action_window, A), torch.device("cpu"),
+                           iwm.autocast_to("cpu", torch.float32))
+    assert math.isfinite(metrics["target_std"]) and metrics["target_std"] > 0
+    assert math.isnan(sample.r_squared(torch.zeros(1, 2), torch.ones(1, 2))[0])            # one validation frame
+    with pytest.raises(ValueError):
+        json.dumps(float("inf"), allow_nan=False)
+    pd.write_json(str(tmp_path / "m.json"), {"r2": float("-inf"), "rows": [float("nan"), 1.0]})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"r2": None, "rows": [None, 1.0]}
+
+
+def test_a_bad_value_anywhere_is_one_line_never_a_traceback(builtin_raw, builtin_dataset, tmp_path):
+    lines = [line() for _ in range(12)]
+    lines[6]["keyboard"]["keys"] = [["key.keyboard.w"]]                    # a list where a key name goes
+    write_pair(tmp_path, "bad-000000000001-20200101-000000", lines)
+    with pytest.raises(pd.EpisodeError, match=r"line 7: keys holds \['key.keyboard.w'\], expected only items"):
+        pd.read_episode(str(tmp_path / "bad-000000000001-20200101-000000.mp4"),
+                        str(tmp_path / "bad-000000000001-20200101-000000.jsonl"), 64)
+    iwm.fit(small_config(data=builtin_dataset, out_dir=str(tmp_path / "run"), steps=1))
+    for script, flags, words in (
+            ("sample.py", ["--ckpt", tmp_path / "run" / "ckpt.pt", "--video", tmp_path / "bad-000000000001-20200101-000000.mp4"],
+             "line 7: keys holds"),
+            ("iwm.py", ["--seed", "-1"], "--seed -1: must be between 0 and"),
+            ("iwm.py", ["--out_dir", ""], "--out_dir: must not be empty"),
+            ("iwm.py", ["--lr", "inf"], "--lr inf: must be finite"),
+            ("prepare_data.py", ["--synthetic", "1", "--seed", "-3"], "--seed: must be at least 0"),
+            ("prepare_data.py", ["--synthetic", "1", "--out", ""], "--out: must not be empty"),
+            ("sample.py", ["--goal_seed", "-1", "--plan"], "--goal_seed: must be at least 0"),
+            ("sample.py", ["--out", " "], "--out: must not be empty")):
+        code, out = run_script(script, *flags)
+        assert code != 0 and words in out and "Traceback" not in out, (script, flags, out)
+
+
+def test_the_converter_touches_only_its_own_files_and_two_conversions_never_share_a_folder(builtin_raw, tmp_path):
+    data = tmp_path / "data"
+    (data / "raw").mkdir(parents=True)
+    mine = data / "raw" / "notes.tmp.txt"                                  # the user's own file
+    mine.write_text("keep me")
+    shutil.copy(builtin_raw / "builtin-000000000000-20260101-000000.mp4", data / "raw")
+    shutil.copy(builtin_raw / "builtin-000000000000-20260101-000000.jsonl", data / "raw")
+    converted, _ = pd.convert_folder(str(data / "raw"), str(data), 64, "builtin", workers=1)
+    assert converted == 1 and mine.read_text() == "keep me"
+    assert pd.lock_folder(str(data), "convert.lock", "the test", "--out")   # "the first conversion"
+    try:
+        code, out = run_script("prepare_data.py", "--synthetic", "1", "--frames", "10", "--out", data)
+    finally:
+        pd.release_folder(str(data))
+    assert code == 1 and "is in use by another run of prepare_data.py" in out, out
+    assert sorted(os.listdir(data / "episodes")) == ["builtin-000000000000-20260101-000000"]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--probe", "--horizon", "4"], "argument --horizon: not used by --probe"),
+    (["--surprise", "--euler_steps", "2"], "argument --euler_steps: not used by --surprise"),
+    (["--plan", "--actions", "turn_left"], "argument --actions: not used by --plan"),
+    (["--probe_every", "3"], "argument --probe_every: not used by the rollouts"),
+    (["--video", "x.mp4", "--data", "data/builtin"], "argument --data: not used with --video"),
+    (["--video", "nowhere.mp4"], "nowhere.mp4: expected a <stem>.mp4 with its <stem>.jsonl beside it"),
+])
+def test_sample_py_refuses_flags_its_mode_would_ignore(flags, words, capsys):
+    with pytest.raises(SystemExit) as stop:
+        sample.parse_args(flags)
+    assert stop.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_advice_points_the_right_way(builtin_raw, builtin_dataset, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out = run_script("prepare_data.py", "--vpt", empty, "--out", tmp_path / "nothing")
+    assert code == 1 and f"{empty}: no <stem>.mp4 + <stem>.jsonl pairs in it" in out and "above" not in out, out
+    upper = tmp_path / "upper"                                             # a camera's upper-case names
+    upper.mkdir()
+    stem = "builtin-000000000001-20260101-000000"
+    shutil.copy(builtin_raw / f"{stem}.mp4", upper / f"{stem}.MP4")
+    text = (builtin_raw / f"{stem}.jsonl").read_text()
+    (upper / f"{stem}.JSONL").write_text("\ufeff" + text, encoding="utf-8")  # and a byte-order mark
+    converted, problems = pd.convert_folder(str(upper), str(tmp_path / "upper_data"), 64, "vpt", workers=1)
+    assert converted == 1 and not problems, problems
+    run = tmp_path / "run"
+    iwm.fit(small_config(data=builtin_dataset, out_dir=str(run), steps=1))
+    with pytest.raises(iwm.CheckpointError, match=f"is a folder, not a checkpoint: give the checkpoint in it, {run}/ckpt.pt"):
+        iwm.load_checkpoint(str(run))
+    moved = tmp_path / "moved"
+    state = torch.load(run / "ckpt.pt", weights_only=True)
+    torch.save({**state, "config": {**state["config"], "data": str(moved)}}, run / "ckpt.pt")
+    with pytest.raises(SystemExit, match="is not there \\(moved or deleted\\?\\); give its folder with --data"):
+        sample.main(["--ckpt", str(run / "ckpt.pt"), "--windows", "1", "--n", "0", "--horizon", "2"])
+    failed = tmp_path / "failed"                                          # a run that diverges before any checkpoint
+    code, out = run_script("iwm.py", "--size", "tiny", "--data", builtin_dataset, "--out_dir", failed, "--lr", "1e30",
+                           "--steps", "4", "--eval_horizon", "2", "--warmup_steps", "1")
+    assert code == 1 and "log.failed.jsonl" in out and "Traceback" not in out, out
+    assert not (failed / "log.jsonl").exists() and (failed / "log.failed.jsonl").exists()
+    warnings_out = subprocess.run([sys.executable, "-c", "import prepare_data, warnings; prepare_data.one_line_warnings(); "
+                                   "warnings.warn('overflow')"], capture_output=True, text=True,
+                                  cwd=os.path.dirname(os.path.abspath(__file__))).stderr
+    assert warnings_out == "warning: overflow\n"
