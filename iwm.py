@@ -5,14 +5,15 @@ A world model answers "if I press these keys and move the mouse like this, what 
 next?". This one answers in latent space (a JEPA), and a diffusion decoder, trained on the side on
 detached latents (it never shapes them), turns latents back into pictures to watch:
 
-    frame t --encoder--> tokens --action_conditioner(last 25 actions)--> --predictor--> tokens of t+1
+    frame t --encoder--> tokens --action_conditioner(last 25 actions)--> predictor --> tokens of t+1
     frame t+1 --target_encoder (EMA copy of the encoder)--> target tokens; loss = MSE per token
     tokens + the last real frame --decoder (rectified flow, Euler steps from noise)--> frame
 
 Notable choices (docs/faults.md: the original's faults they fix; docs/experiments.md: what each
 measured change bought):
   - each of the 25 action tokens has its own temporal position (not an unordered bag)
-  - the target encoder is an EMA copy in eval mode, momentum 0.996 -> 1.0, saved in checkpoints
+  - the target is an EMA copy of the encoder in eval mode (momentum 0.996 -> 1.0), or with
+    --target, the encoder's own latent kept from collapse by SIGReg or VICReg (LeWM)
   - latents are layer-normalised over features (no affine); the loss is per token
   - the predictor predicts a change to the start frame's target latent: untrained, it says
     "nothing changes", exactly the baseline every result is compared with
@@ -20,8 +21,8 @@ measured change bought):
     window by how much its view changes, so that big turns do not drown out the rest
   - the decoder is a DiT with adaLN-Zero that draws from the last real frame (a rollout's start)
     and each latent token into its own patch, told how far to trust a predicted latent
-  - every evaluation reports pred/copy, action sensitivity, the collapse watch, and the PSNR
-    and sharpness of decoded predictions next to "nothing moves"
+  - every evaluation reports pred/copy, action sensitivity, the collapse watch (std, rank),
+    and the PSNR and sharpness of decoded predictions next to "nothing moves"
 
 Shape legend: B batch, S frames in a window, R rollout steps, N tokens per frame, D width,
 E decoder width, K action window (25), A action columns, H/W pixels, p patch size.
@@ -29,12 +30,11 @@ E decoder width, K action window (25), A action columns, H/W pixels, p patch siz
     python iwm.py --steps 1500                  # train (builds the built-in dataset if missing)
     python iwm.py --steps 3000 --resume         # continue the run in --out_dir up to step 3000
     python iwm.py --size base --bench 20        # time 20 steps on random data: FLOP/s, memory
-    torchrun --nproc_per_node=4 iwm.py --steps 3000   # one process per GPU (DistributedDataParallel)
+    torchrun --nproc_per_node=4 iwm.py --steps 3000   # one process per GPU (DDP)
     python iwm.py --help                        # every flag, generated from Config below
 
-Reading order: config -> helpers -> attention and blocks -> encoder -> action conditioner ->
-predictor -> diffusion decoder -> world model, loss and EMA -> data -> the training loop ->
-evaluation -> checkpoints -> training helpers -> benchmark -> main.
+Reading order: config, helpers, attention, encoder, action conditioner, predictor, decoder, the
+world model (loss, regularisers, EMA), data, the training loop; then evaluation and plumbing.
 """
 import argparse
 import contextlib
@@ -69,7 +69,7 @@ from prepare_data import ACTION_COLUMNS
 class Config:
     # --- model (a --size preset sets these; flags override) ---
     size: str = "auto"               # tiny | small | base; auto: base on a CUDA GPU, tiny on CPU
-    image_size: int = 64             # pixels (square); frames of another size are resized on the device
+    image_size: int = 64             # pixels (square); other frame sizes are resized on the device
     patch_size: int = 8              # pixels per patch side; N = (image_size / patch_size)^2 tokens
     width: int = 128                 # D, token width of the encoder, conditioner and predictor
     heads: int = 4                   # attention heads
@@ -87,13 +87,13 @@ class Config:
     data: str = "data/builtin"       # a dataset folder made by prepare_data.py (built if missing)
     frame_skip: int = 4              # raw frames per model step (VPT is 20 fps: 4 -> 0.2 s)
     action_window: int = 25          # K: per-frame actions the conditioner sees for one step
-    context_gap: int = 16            # the decoder learns to draw a frame 1..this model steps after a
-                                     # real one it sees (a rollout's start frame, 16 steps back at most)
+    context_gap: int = 16            # the decoder draws a frame 1..this model steps after a real
+                                     # one it sees (a rollout's start frame, 16 steps back at most)
     # --- training ---
     steps: int = 3000                # optimizer steps in total (--resume continues up to this)
     batch_size: int = 32             # windows per micro-batch
     grad_accum: int = 1              # micro-batches per optimizer step
-    rollout: int = 2                 # R: open-loop prediction steps in the loss (V-JEPA 2-AC uses 2+)
+    rollout: int = 2                 # R: open-loop prediction steps in the loss (V-JEPA 2-AC: 2+)
     lr: float = 1e-3                 # peak learning rate (AdamW)
     decoder_lr_scale: float = 10.0   # decoder lr = lr * this: its latent-to-pixel map is badly
                                      # conditioned and learns far slower at the world model's lr
@@ -103,14 +103,19 @@ class Config:
     grad_clip: float = 1.0           # max global gradient norm
     ema_start: float = 0.996         # target encoder momentum at step 0 (I-JEPA)
     ema_end: float = 1.0             # ... rising linearly to this at the last step
-    euler_steps: int = 10            # Euler steps when the decoder draws a frame (more: slower, finer)
-    dtype: str = "auto"              # float32 | bfloat16 | float16 (autocast); auto: see choose_hardware
+    target: str = "ema"              # what keeps the latents apart: ema | sigreg | vicreg | none
+    sigreg_weight: float = 0.09      # lambda of SIGReg (LeWM's code)
+    vicreg_variance: float = 25.0    # weight of VICReg's variance hinge (VICReg's paper)
+    vicreg_covariance: float = 25.0  # weight of VICReg's covariance penalty
+    euler_steps: int = 10            # Euler steps per frame the decoder draws (more: finer, slower)
+    seed: int = 0
+    # --- hardware ---
+    device: str = "auto"             # cpu | cuda | cuda:N | auto
+    dtype: str = "auto"              # float32 | bfloat16 | float16 (autocast) | auto
     grad_ckpt: bool = False          # activation checkpointing: recompute each block's activations
                                      # in the backward pass instead of storing them (less memory)
     compile: bool = False            # torch.compile each part (slow first steps, then faster)
     bench: int = 0                   # > 0: time this many training steps on random data and exit
-    device: str = "auto"             # cpu | cuda | cuda:N | auto
-    seed: int = 0
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 500            # steps between validation lines
     eval_windows: int = 256          # validation windows (from validation episodes only)
@@ -155,7 +160,7 @@ def scale_actions(actions):
 
 
 def normalize_frames(frames, image_size):
-    """uint8 RGB (..., H, W, 3) -> float (..., 3, image_size, image_size) in [-1, 1], on the device."""
+    """uint8 RGB (..., H, W, 3) -> float (..., 3, size, size) in [-1, 1], on the device."""
     lead = frames.shape[:-3]
     x = frames.reshape(-1, *frames.shape[-3:]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if x.shape[-1] != image_size:
@@ -168,8 +173,8 @@ def sincos_positions_2d(grid, dim):
     encode the row, half the column, each at dim/4 geometrically spaced frequencies."""
     frequencies = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    angles = torch.stack([rows.flatten()[:, None] * frequencies, cols.flatten()[:, None] * frequencies], dim=1)
-    return torch.cat([angles.sin(), angles.cos()], dim=2).flatten(1)       # (N, 2, dim/2) -> (N, dim)
+    angles = torch.stack([rows.flatten()[:, None], cols.flatten()[:, None]], dim=1) * frequencies
+    return torch.cat([angles.sin(), angles.cos()], dim=2).flatten(1)   # (N, 2, dim/2) -> (N, dim)
 
 
 # -----------------------------------------------------------------------------
@@ -188,21 +193,24 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None):
         B, N, D = x.shape
-        q = self.query(x).view(B, N, self.heads, D // self.heads).transpose(1, 2)        # (B, h, N, D/h)
-        source = x if context is None else context
-        k, v = self.key_value(source).view(B, source.shape[1], 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        if x.is_cuda:       # the fused kernel: fast and memory-light on a GPU
-            x = F.scaled_dot_product_attention(q, k, v)                                 # (B, h, N, D/h)
-        else:               # the same formula spelled out: on CPU the fused kernel's backward
-                            # is slower than this for our short sequences (docs/experiments.md)
-            weights = (q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)).softmax(dim=-1)   # (B, h, N, M)
-            x = weights @ v                                                             # (B, h, N, D/h)
-        return self.out(x.transpose(1, 2).reshape(B, N, D))                             # (B, N, D)
+        h, source = self.heads, x if context is None else context
+        q = self.query(x).view(B, N, h, D // h).transpose(1, 2)              # (B, h, N, D/h)
+        kv = self.key_value(source).view(B, source.shape[1], 2, h, D // h)   # (B, M, 2, h, D/h)
+        k, v = kv.permute(2, 0, 3, 1, 4)                                     # (B, h, M, D/h) each
+        # attention: softmax(q k^T / sqrt(D/h)) v, spelled out on a CPU, where it is faster than
+        # the fused kernel's backward for our short sequences (docs/experiments.md)
+        if not x.is_cuda:
+            weights = (q @ k.transpose(-2, -1) / math.sqrt(D // h)).softmax(-1)  # (B, h, N, M)
+            x = weights @ v                                                  # (B, h, N, D/h)
+        else:               # the same formula as one fused kernel: fast and memory-light on a GPU
+            x = F.scaled_dot_product_attention(q, k, v)                      # (B, h, N, D/h)
+        return self.out(x.transpose(1, 2).reshape(B, N, D))                  # (B, N, D)
 
 
 class MLP(nn.Sequential):
     def __init__(self, dim, ratio):
-        super().__init__(nn.Linear(dim, int(dim * ratio)), nn.GELU(), nn.Linear(int(dim * ratio), dim))
+        hidden = int(dim * ratio)
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
 
 class Block(nn.Module):
@@ -243,7 +251,8 @@ class Encoder(nn.Module):
     """ViT: patchify, add fixed 2-D positions, pre-norm blocks, a final layer norm without affine.
     Without a learnable scale or shift, its output lives in the same space as the training target
     (the target encoder's output, normalised the same way, as in I-JEPA), so the predictor's
-    outputs can be fed back in as inputs during rollouts."""
+    outputs can be fed back in as inputs during rollouts. (Without an EMA target, a projector with
+    BatchNorm follows, as in LeWM: a regulariser cannot move a layer-normalised output.)"""
 
     def __init__(self, cfg):
         super().__init__()
@@ -253,13 +262,17 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.encoder_mlp_ratio)
                                     for _ in range(cfg.encoder_depth))
         self.norm = nn.LayerNorm(cfg.width, elementwise_affine=False)
+        D = cfg.width
+        self.projector = nn.Identity() if cfg.target == "ema" else nn.Sequential(
+            nn.Linear(D, 4 * D), nn.BatchNorm1d(4 * D), nn.GELU(), nn.Linear(4 * D, D))
         self.grad_ckpt = cfg.grad_ckpt
 
     def forward(self, images):                                  # (B, 3, H, W) in [-1, 1]
         x = self.patch_embed(images)                            # (B, D, H/p, W/p)
         x = x.flatten(2).transpose(1, 2) + self.positions       # (B, N, D)
         x = run_blocks(self.blocks, x, checkpoint=self.grad_ckpt)
-        return self.norm(x)                                     # (B, N, D)
+        x = self.norm(x)                                        # (B, N, D)
+        return self.projector(x.flatten(0, 1)).view_as(x)       # (B, N, D) every token alike
 
 
 # -----------------------------------------------------------------------------
@@ -274,8 +287,8 @@ class ActionConditioner(nn.Module):
         # One learned embedding per slot of the window: slot K-1 is the most recent action.
         # (The original gave all 25 the same one, so it saw an unordered bag of actions.)
         self.action_positions = nn.Parameter(torch.randn(cfg.action_window, cfg.width) * 0.02)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.conditioner_mlp_ratio, cross=True)
-                                    for _ in range(cfg.conditioner_depth))
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.conditioner_mlp_ratio, True)
+                                    for _ in range(cfg.conditioner_depth))      # cross-attention
         self.grad_ckpt = cfg.grad_ckpt
 
     def forward(self, tokens, actions):                        # (B, N, D), (B, K, A) raw actions
@@ -306,7 +319,7 @@ class Predictor(nn.Module):
     def forward(self, conditioned, base):                      # (B, N, D), (B, N, D)
         x = conditioned + self.positions                       # (B, N, D)
         x = run_blocks(self.blocks, x, checkpoint=self.grad_ckpt)
-        return base + self.head(self.norm(x))                  # (B, N, D) base + the predicted change
+        return base + self.head(self.norm(x))                  # (B, N, D) base + predicted change
 
 
 # -----------------------------------------------------------------------------
@@ -341,7 +354,7 @@ def rectified_flow_sample(velocity, shape, euler_steps, generator=None, device="
 
 
 MIN_T = 0.05   # floor of t when a velocity is derived from a predicted clean image
-MAX_LATENT_NOISE = 1.0   # the decoder learns with latent noise up to this std: the latents have unit
+MAX_LATENT_NOISE = 1.0   # the decoder learns with latent noise up to this std: latents have unit
                          # variance per token, and the predictor's RMS error stays below ~0.7
 MEASURED_STEPS = 16      # rollout steps whose latent error is measured (later steps reuse the last)
 
@@ -396,7 +409,7 @@ class Decoder(nn.Module):
         self.context_in = nn.Linear(3 * p * p, E)
         self.latent_in = nn.Linear(cfg.width, E)
         self.register_buffer("positions", sincos_positions_2d(self.grid, E), persistent=False)
-        self.time_mlp = nn.Sequential(nn.Linear(512, E), nn.SiLU(), nn.Linear(E, E))   # t and noise level
+        self.time_mlp = nn.Sequential(nn.Linear(512, E), nn.SiLU(), nn.Linear(E, E))   # t, noise
         self.latent_pool = nn.Linear(cfg.width, E)
         self.blocks = nn.ModuleList(DecoderBlock(E, cfg.decoder_heads, cfg.decoder_mlp_ratio)
                                     for _ in range(cfg.decoder_depth))
@@ -436,24 +449,26 @@ class Decoder(nn.Module):
         x = patches.reshape(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)    # (B, 3, g, p, g, p)
         return x.reshape(B, 3, g * p, g * p)                               # (B, 3, H, W)
 
-    def forward(self, noisy, t, latent, context, latent_noise):   # (B, 3, H, W), (B,), (B, N, D), (B, 3, H, W), (B,)
-        x = self.patch_in(self.patchify(noisy)) + self.context_in(self.patchify(context))    # (B, N, E)
+    def forward(self, noisy, t, latent, context, latent_noise):
+        """noisy (B, 3, H, W), t (B,), latent (B, N, D), context (B, 3, H, W), latent_noise (B,)."""
+        x = self.patch_in(self.patchify(noisy)) + self.context_in(self.patchify(context))  # B,N,E
         x = x + self.latent_in(latent) + self.positions        # (B, N, E) patch i gets token i
-        times = torch.cat([timestep_embedding(t, 256), timestep_embedding(latent_noise, 256)], dim=1)
-        c = self.time_mlp(times) + self.latent_pool(latent.mean(dim=1))                       # (B, E)
+        times = torch.cat([timestep_embedding(t, 256), timestep_embedding(latent_noise, 256)], 1)
+        c = self.time_mlp(times) + self.latent_pool(latent.mean(dim=1))                     # (B, E)
         x = run_blocks(self.blocks, x, c, checkpoint=self.grad_ckpt)   # (B, N, E)
         shift, scale = self.final_modulation(c).chunk(2, dim=1)
-        x = self.patch_out(modulate(self.final_norm(x), shift, scale)) + self.readout(latent)  # (B, N, p*p*3)
-        return self.unpatchify(x)                              # (B, 3, H, W) predicted clean image
+        x = self.patch_out(modulate(self.final_norm(x), shift, scale))  # (B, N, p*p*3)
+        return self.unpatchify(x + self.readout(latent))       # (B, 3, H, W) predicted clean image
 
-    def draw(self, latent, context, latent_noise, euler_steps, generator=None):   # -> (B, 3, H, W) in [-1, 1]
+    def draw(self, latent, context, latent_noise, euler_steps, generator=None):   # (B, 3, H, W)
         """Euler steps with v = (x_t - x_0) / t from the predicted x_0; t is floored at MIN_T so
-        the division stays tame near the data end (JiT does the same)."""
+        the division stays tame near the data end (JiT does the same). Pixels in [-1, 1]."""
         def velocity(x, t):
-            return (x - self(x, t, latent, context, latent_noise)) / t.clamp_min(MIN_T)[:, None, None, None]
+            clean = self(x, t, latent, context, latent_noise)
+            return (x - clean) / t.clamp_min(MIN_T)[:, None, None, None]
 
-        images = rectified_flow_sample(velocity, context.shape, euler_steps, generator, latent.device)
-        return images.clamp(-1, 1)
+        shape, device = context.shape, latent.device
+        return rectified_flow_sample(velocity, shape, euler_steps, generator, device).clamp(-1, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -468,6 +483,59 @@ def jepa_loss(predicted, target):
     return (predicted.float() - target.float()).pow(2).mean(dim=-1)
 
 
+# What keeps the latents apart. With an EMA target (I-JEPA, V-JEPA): the stop-gradient and the
+# slowly moving target. Without one, the target is the encoder's own latent of the later frame,
+# with its gradient, and a regulariser of the latents' spread over the batch: SIGReg (LeJEPA,
+# LeWM) or VICReg. With neither (--target none), every frame may get one latent that predicts
+# itself perfectly: collapse.
+
+
+def target_regularizer(latents, cfg):                         # (B, S, N, D) the targets
+    """The regulariser of the target latents (0 for ema and none), on the mean token of each frame
+    (docs/recipes.md compares it with tokens), in float32 (SIGReg turns NaN late in bf16 training),
+    on the global batch under torchrun."""
+    if cfg.target in ("ema", "none"):
+        return 0.0
+    with torch.autocast(latents.device.type, enabled=False):  # one vector per frame, as in LeWM
+        samples = gathered(latents.mean(dim=2).flatten(0, 1).float())                 # (B*S, D)
+        if cfg.target == "sigreg":
+            return cfg.sigreg_weight * sigreg(samples)
+        variance, covariance = vicreg_terms(samples)
+        return cfg.vicreg_variance * variance + cfg.vicreg_covariance * covariance
+
+
+SIGREG_DIRECTIONS = 1024   # random unit directions, drawn afresh each step (LeJEPA)
+SIGREG_POINTS = 17         # points s on [0, 3] where characteristic functions are compared
+
+
+def sigreg(samples):                                           # (M, D)
+    """SIGReg (LeJEPA): how far samples are from a standard Gaussian along random directions. On
+    each, the Epps-Pulley statistic M * integral of |mean_m exp(i s x_m) - exp(-s^2 / 2)|^2
+    exp(-s^2 / 2) ds (the projections' characteristic function against the Gaussian's), by the
+    trapezoid rule on [0, 3], doubled for s < 0. Mean over directions: about 1 for Gaussian
+    samples whatever M, at least about 0.4 M for a constant batch."""
+    directions = torch.randn(samples.shape[1], SIGREG_DIRECTIONS, device=samples.device)   # (D, P)
+    if dist.is_initialized():
+        dist.broadcast(directions, src=0)                     # every process uses the same ones
+    directions = directions / (directions.norm(dim=0) + 1e-8)
+    s = torch.linspace(0, 3, SIGREG_POINTS, device=samples.device)                   # (Q,)
+    gaussian = torch.exp(-s ** 2 / 2)
+    weights = 2 * (3 / (SIGREG_POINTS - 1)) * gaussian                                # (Q,)
+    weights[[0, -1]] /= 2                                                 # the trapezoid's ends
+    angles = (samples @ directions)[..., None] * s                                    # (M, P, Q)
+    real, imaginary = angles.cos().mean(0) - gaussian, angles.sin().mean(0)           # (P, Q)
+    return (len(samples) * (real ** 2 + imaginary ** 2) @ weights).mean()
+
+
+def vicreg_terms(samples):                                     # (M, D)
+    """VICReg's variance term, mean(relu(1 - std)) over features (each feature's std over the
+    batch at least 1), and covariance term, the off-diagonal squares of the covariance / D."""
+    x = samples - samples.mean(dim=0)
+    variance = F.relu(1 - (x.var(dim=0) + 1e-4).sqrt()).mean()
+    covariance = x.T @ x / (len(x) - 1)                                               # (D, D)
+    return variance, (covariance.pow(2).sum() - covariance.diagonal().pow(2).sum()) / x.shape[1]
+
+
 class WorldModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -475,8 +543,9 @@ class WorldModel(nn.Module):
         self.encoder = Encoder(cfg)
         self.action_conditioner = ActionConditioner(cfg)
         self.predictor = Predictor(cfg)
-        self.target_encoder = copy.deepcopy(self.encoder)      # EMA copy, never trained directly
-        self.target_encoder.requires_grad_(False)
+        # --target ema: an EMA copy of the encoder, never trained directly; otherwise none
+        ema = cfg.target == "ema"
+        self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False) if ema else None
         self.decoder = Decoder(cfg)                            # reads detached latents only
         # The predictor's RMS latent error at rollout steps 1..16, measured on training windows at
         # each evaluation and saved with the weights: how far the decoder may trust a prediction
@@ -484,7 +553,8 @@ class WorldModel(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        self.target_encoder.eval()   # important! the target is always in eval mode
+        if self.target_encoder is not None:
+            self.target_encoder.eval()   # important! the target is always in eval mode
         return self
 
     def encode(self, frames, encoder=None):                    # (B, S, H, W, 3) uint8
@@ -493,15 +563,19 @@ class WorldModel(nn.Module):
         x = normalize_frames(frames, self.cfg.image_size).flatten(0, 1)        # (B*S, 3, H, W)
         return (encoder or self.encoder)(x).unflatten(0, (B, S))               # (B, S, N, D)
 
-    @torch.no_grad()
     def encode_target(self, frames):
-        """Target-encoder latents of each frame: (B, S, N, D), never with a gradient."""
-        return self.encode(frames, self.target_encoder)
+        """The JEPA target of each frame, (B, S, N, D): the target encoder's latents, never with a
+        gradient, or without a target encoder, the encoder's own, with their gradient."""
+        if self.target_encoder is None:
+            return self.encode(frames)
+        with torch.no_grad():
+            return self.encode(frames, self.target_encoder)
 
     def predict_next(self, latent, actions, base=None):        # (B, N, D), (B, K, A), (B, N, D)
         """One model step: the latent frame_skip frames later, as base + a predicted change.
         The base is the latent itself unless given (the start frame's target latent)."""
-        return self.predictor(self.action_conditioner(latent, actions), latent if base is None else base)
+        conditioned = self.action_conditioner(latent, actions)
+        return self.predictor(conditioned, latent if base is None else base)
 
     def rollout(self, latent, actions, base=None):             # (B, N, D), (B, R, K, A), (B, N, D)
         """Open loop from the encoded start frame, each prediction fed back in. The first step's
@@ -512,43 +586,49 @@ class WorldModel(nn.Module):
             predictions.append(latent)
         return torch.stack(predictions, dim=1)
 
-    def forward(self, frames, actions, context):               # (B, R+1, H, W, 3), (B, R, K, A), (B, H, W, 3)
+    def forward(self, frames, actions, context):   # (B, R+1, H, W, 3), (B, R, K, A), (B, H, W, 3)
         """Training loss = JEPA loss + decoder loss. Also returns the parts, for logging. context:
-        a real frame 1..context_gap steps before frames[:, 1], the frame the decoder learns to draw."""
+        a real frame 1..context_gap steps before frames[:, 1], the frame the decoder draws."""
         assert frames.shape[1] == actions.shape[1] + 1, "need one more frame than action windows"
         B, R = actions.shape[:2]
-        # Step 1: targets from the EMA encoder (no gradient, eval mode), the start frame's too
+        # Step 1: targets, the start frame's too: from the EMA encoder (no gradient, eval mode)
         targets = self.encode_target(frames)                                  # (B, R+1, N, D)
         # Step 2: predictions. Open loop from the encoded start frame, and one teacher-forced step
         # from each later true target latent (V-JEPA 2-AC trains both ways).
-        predictions = self.rollout(self.encode(frames[:, :1])[:, 0], actions, targets[:, 0])   # (B, R, N, D)
-        forced = self.predict_next(targets[:, 1:-1].flatten(0, 1), actions[:, 1:].flatten(0, 1))   # (B*(R-1), N, D)
-        errors = torch.cat([jepa_loss(predictions, targets[:, 1:]),                             # (B, R, N)
-                            jepa_loss(forced.unflatten(0, (B, R - 1)), targets[:, 2:])],        # (B, R-1, N)
-                           dim=1).mean(dim=(1, 2))                                              # (B,)
-        change = jepa_loss(targets[:, :1], targets[:, 1:]).mean(dim=(1, 2))   # (B,) the error of "nothing changes"
+        start = self.encode(frames[:, :1])[:, 0]                              # (B, N, D)
+        predictions = self.rollout(start, actions, targets[:, 0])               # (B, R, N, D)
+        forced = self.predict_next(targets[:, 1:-1].flatten(0, 1), actions[:, 1:].flatten(0, 1))
+        errors = torch.cat([jepa_loss(predictions, targets[:, 1:]),             # (B, R, N)
+                            jepa_loss(forced.unflatten(0, (B, R - 1)), targets[:, 2:])],  # B,R-1,N
+                           dim=1).mean(dim=(1, 2))                              # (B,)
+        change = jepa_loss(targets[:, :1], targets[:, 1:]).mean(dim=(1, 2))   # (B,) nothing changes
         world_loss = (errors * window_weights(change)).mean()
+        world_loss = world_loss + target_regularizer(targets, self.cfg)     # 0 for the EMA target
         # Step 2b: the decoder learns to draw frame 1 from the context frame and its target latent,
         # noised by a random amount it is told. Detached: no decoder gradient reaches the JEPA
         # (DINO-WM and LeWM plan worse when it does)
         noise = MAX_LATENT_NOISE * torch.rand(B, device=frames.device)                # (B,)
-        latent = targets[:, 1] + noise[:, None, None] * torch.randn_like(targets[:, 1])   # (B, N, D)
+        latent = targets[:, 1].detach()                                          # (B, N, D)
+        latent = latent + noise[:, None, None] * torch.randn_like(latent)
         image, context = (normalize_frames(x, self.cfg.image_size) for x in (frames[:, 1], context))
-        decoder_loss = rectified_flow_loss(lambda x, t: self.decoder(x, t, latent, context, noise), image).mean()
-        return world_loss + decoder_loss, {"world_loss": world_loss.detach(), "decoder_loss": decoder_loss.detach()}
+        draw = lambda x, t: self.decoder(x, t, latent, context, noise)       # noqa: E731
+        decoder_loss = rectified_flow_loss(draw, image).mean()
+        parts = {"world_loss": world_loss.detach(), "decoder_loss": decoder_loss.detach()}
+        return world_loss + decoder_loss, parts
 
     @torch.no_grad()
     def update_target(self, momentum):
-        """Step 3: target <- momentum * target + (1 - momentum) * encoder."""
-        for target, online in zip(self.target_encoder.parameters(), self.encoder.parameters()):
+        """Step 3: target <- momentum * target + (1 - momentum) * encoder (--target ema)."""
+        targets = [] if self.target_encoder is None else self.target_encoder.parameters()
+        for target, online in zip(targets, self.encoder.parameters()):
             target.lerp_(online, 1.0 - momentum)
 
 
 def window_weights(change):
     """Each window's weight in the loss, from how much its view changes (B,): its error counts
     relative to that change plus the batch's mean change, so that big turns do not drown out
-    walking and standing still (mean PSNR is a mean of log errors). Mean 1; a batch that never
-    moves gets equal weights."""
+    walking and standing still. Mean 1; a batch that never moves gets equal weights."""
+    change = change.detach()                  # a weight, never a way to lower the loss
     weight = 1 / (change + change.mean() + 1e-6)
     return weight / weight.mean()
 
@@ -563,13 +643,8 @@ def learning_rate(step, cfg):
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min((step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1), 1.0)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def count_parameters(model):
-    """Parameters per part (the target encoder is a copy of the encoder, listed separately)."""
-    parts = ["encoder", "action_conditioner", "predictor", "decoder", "target_encoder"]
-    return {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in parts}
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))                       # 1 -> 0
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
 # -----------------------------------------------------------------------------
@@ -594,25 +669,27 @@ class WindowSampler:
         span = horizon * cfg.frame_skip
         self.episodes = [e for e in episodes if len(e["frames"]) > span]
         if not self.episodes:
-            raise ValueError(f"no episode is longer than {span} frames ({flag} {horizon} model steps of "
-                             f"--frame_skip {cfg.frame_skip}): lower {flag} or use longer episodes")
-        self.horizon, self.frame_skip, self.window, self.context_gap = horizon, cfg.frame_skip, cfg.action_window, cfg.context_gap
+            raise ValueError(f"no episode is longer than {span} frames ({flag} {horizon} model "
+                             f"steps of {cfg.frame_skip}): lower {flag} or use longer episodes")
+        self.horizon, self.frame_skip = horizon, cfg.frame_skip
+        self.window, self.context_gap = cfg.action_window, cfg.context_gap
         starts_per_episode = torch.tensor([len(e["frames"]) - span for e in self.episodes])
         self.first_start = torch.cumsum(starts_per_episode, 0) - starts_per_episode
         self.total = int(starts_per_episode.sum())
 
     def window_at(self, episode, start):
         """Frames (S, H, W, 3) uint8 and action windows (S - 1, K, A) of one window."""
-        frames = np.asarray(episode["frames"][start + self.frame_skip * np.arange(self.horizon + 1)])
-        actions = np.stack([action_window(episode["actions"], start + (k + 1) * self.frame_skip, self.window)
-                            for k in range(self.horizon)])
-        return frames, actions
+        steps = start + self.frame_skip * np.arange(self.horizon + 1)         # the frames' indices
+        frames = np.asarray(episode["frames"][steps])
+        actions = [action_window(episode["actions"], end, self.window) for end in steps[1:]]
+        return frames, np.stack(actions)
 
     def sample_positions(self, batch_size, generator=None):
         """(episode, start frame) of batch_size uniformly random windows."""
         flat = torch.randint(self.total, (batch_size,), generator=generator)
         which = torch.searchsorted(self.first_start, flat, right=True) - 1
-        return [(self.episodes[e], int(f - self.first_start[e])) for e, f in zip(which.tolist(), flat)]
+        return [(self.episodes[e], int(f - self.first_start[e]))
+                for e, f in zip(which.tolist(), flat)]
 
     def sample(self, batch_size, generator=None):
         """Windows, and the decoder's context frame for each: 1..context_gap model steps before its
@@ -622,17 +699,9 @@ class WindowSampler:
         gaps = torch.randint(1, self.context_gap + 1, (batch_size,), generator=generator).tolist()
         frames = torch.from_numpy(np.stack([w[0] for w in windows]))     # (B, S, H, W, 3)
         actions = torch.from_numpy(np.stack([w[1] for w in windows]))    # (B, S-1, K, A)
-        context = torch.from_numpy(np.stack([episode["frames"][max(start + (1 - gap) * self.frame_skip, 0)]
-                                             for (episode, start), gap in zip(positions, gaps)]))   # (B, H, W, 3)
-        return frames, actions, context
-
-
-def open_dataset(cfg):
-    """Load the dataset and check it fits this model. Returns (index, train episodes, val episodes)."""
-    index, episodes = prepare_data.load_dataset(cfg.data)
-    if index["action_columns"] != ACTION_COLUMNS:
-        raise ValueError(f"{cfg.data}: its action columns differ from this code's; run prepare_data.py again")
-    return index, *prepare_data.split_episodes(cfg.data, index, episodes)
+        context = np.stack([episode["frames"][max(start + (1 - gap) * self.frame_skip, 0)]
+                            for (episode, start), gap in zip(positions, gaps)])    # (B, H, W, 3)
+        return frames, actions, torch.from_numpy(context)
 
 
 # -----------------------------------------------------------------------------
@@ -640,81 +709,33 @@ def open_dataset(cfg):
 
 
 def fit(cfg):
-    """Train (or resume) a world model as cfg says. Returns (model, the last evaluation's metrics)."""
-    check_config(cfg)
-    rank, local_rank, world_size = start_processes()
-    say = print if rank == 0 else (lambda *args, **kwargs: None)     # only rank 0 talks and writes
-    device, dtype = choose_hardware(cfg, local_rank, say)
-    torch.manual_seed(cfg.seed)
-    sampler, val_frames, val_actions, error_windows, ckpt_path = prepare_run(cfg, say)
-    model = WorldModel(cfg).to(device)     # the same seed in every process: the same initial weights
-    say("parameters: " + ", ".join(f"{part} {n / 1e6:.2f}M" for part, n in count_parameters(model).items()))
-    optimizer, scaler = make_optimizer(model, cfg, device.type, dtype)
-    step = resume(ckpt_path, model, optimizer, scaler, say) if cfg.resume else 0
-    if cfg.compile:
-        compile_parts(model)
-    trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    autocast = autocast_to(device.type, dtype)
-    log = open_log(cfg, step) if rank == 0 else None
-    metrics, speeds, stopping = {}, [], False
+    """Train (or resume) a world model as cfg says. Returns (model, the last evaluation's metrics).
+    The plumbing (processes, hardware, data, the log, evaluations, checkpoints, stopping) is in
+    Run, after the evaluation."""
+    run = Run(cfg)
+    model = WorldModel(cfg).to(run.device)      # the same seed in every process: the same weights
+    optimizer, scaler = make_optimizer(model, cfg, run.device.type, run.dtype)
+    trained, step = run.start(model, optimizer, scaler)     # resumed, compiled, wrapped, as asked
     model.train()
-    with stop_requests() as requests, tqdm(total=cfg.steps, initial=step, desc="train", unit="step",
-                                           dynamic_ncols=True, disable=rank > 0) as bar:
-        while step < cfg.steps and not stopping:
-            started = time.perf_counter()
-            # Each step's random draws (its windows, its diffusion noise) come from a seed made of the
-            # run's seed, the process and the step: a resumed run draws what an unbroken one would
-            torch.manual_seed((cfg.seed * 1000 + rank) * 10_000_000 + step)
+    with run.steps(step):                       # the progress bar; a stop request ends the step
+        while step < cfg.steps and not run.stopping:
+            run.begin_step(step)    # seeds its draws: resumed runs draw what unbroken ones would
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            # Steps 1 and 2 (in WorldModel.forward): targets from the EMA encoder, predictions, loss
-            loss, world_loss = accumulate_gradients(trained, sampler, scaler, autocast, device, cfg, world_size)
+            # Steps 1 and 2 (in WorldModel.forward): targets, predictions, the loss; then backward
+            loss, world_loss = accumulate_gradients(trained, run, scaler)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            # The step's one wait for the device: the numbers to log and any stop request, averaged
-            # over the processes so that all log the same loss and stop after the same step
-            loss, world_loss, grad_norm, stops = mean_over_processes([loss, world_loss, grad_norm, len(requests)],
-                                                                     device, world_size)
-            stopping = stops > 0
-            if not math.isfinite(loss):
-                raise FloatingPointError(non_finite_loss(loss, step, ckpt_path, dtype))
+            numbers = run.share(step, loss=loss, world_loss=world_loss, grad_norm=grad_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             # Step 3: the target encoder follows the encoder
             model.update_target(ema_momentum(step, cfg))
             step += 1
-            speeds.append(world_size * cfg.batch_size * cfg.grad_accum / (time.perf_counter() - started))
-            bar.update(1)
-            bar.set_postfix(world=f"{world_loss:.4f}", decoder=f"{loss - world_loss:.4f}")
-            record = {"step": step, "loss": loss, "world_loss": world_loss, "decoder_loss": loss - world_loss,
-                      "lr": lr, "grad_norm": grad_norm, "samples_per_s": speeds[-1]}
-            if step % cfg.eval_every == 0 or step == cfg.steps:      # in every process: saved with the weights
-                measure_latent_error(model, *error_windows, device, autocast)   # the decoder's trust
-            if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
-                metrics = evaluate(model, val_frames, val_actions, device, autocast,
-                                   cfg.eval_psnr_windows if step == cfg.steps else 0,
-                                   cfg.euler_steps)
-                record.update(metrics)
-                tqdm.write(format_eval(step, metrics))
-            if log:
-                log.write(prepare_data.to_json(record) + "\n")
-            if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps or stopping):
-                save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                            "scaler": scaler.state_dict(), "step": step, "config": dataclasses.asdict(cfg)})
-                log.flush()
-    if world_size > 1:
-        dist.destroy_process_group()
-    release_run_folder(cfg.out_dir)                       # another run may use the folder now
-    say(f"{len(speeds)} steps: median {np.median(speeds):.1f} samples/s ({cfg.size}, {cfg.dtype})" if speeds
-        else f"{ckpt_path} is at step {step} already: raise --steps to train on")
-    if stopping:
-        say(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
-        # the shell's convention: 128 + the signal's number (130 Ctrl-C, 143 SIGTERM); 130 when
-        # the request came from another process
-        raise SystemExit(128 + requests[0] if requests else 130)
-    return model, metrics
+            run.end_step(step, model, optimizer, scaler, lr=lr, **numbers)   # log, evaluate, save
+    return run.finish(model, step)
 
 
 # -----------------------------------------------------------------------------
@@ -733,6 +754,14 @@ def psnr(mse):
     A summary over many images is the PSNR of their mean squared error: a mean of per-image PSNRs
     lets one unchanged window (an unbounded PSNR) outweigh all the others."""
     return 10 * torch.log10(4.0 / torch.as_tensor(mse).clamp_min(1e-10))
+
+
+def effective_rank(gram):
+    """RankMe (Garrido et al. 2023) of a matrix of latents X (samples x features), from its Gram
+    matrix X^T X or X X^T: exp of the entropy of X's singular values normalised to sum 1. The
+    number of directions the latents use alike; 1 when they all lie on one line (collapse)."""
+    singular = torch.linalg.eigvalsh(gram.double()).clamp_min(0).sqrt()
+    return torch.exp(torch.special.entr(singular / singular.sum()).sum()).item()
 
 
 def ratio(numerator, denominator):
@@ -800,10 +829,11 @@ def draw_rollout(model, latents, start, predicted, euler_steps, generator=None, 
 @torch.no_grad()
 def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_steps=10, chunk=16):
     """On fixed validation windows: val loss, pred/copy for h = 1..H, action sensitivity (error
-    with actions shuffled across windows / with the true ones) and target std (of each latent
-    feature across the windows). The decoder also draws the first psnr_windows windows' futures
-    from the predicted and from the target latents (reconstruction), and from the predictions with
-    shuffled actions: PSNR (of the mean squared error over windows) and SSIM against the true
+    with actions shuffled across windows / with the true ones), target std (of each latent
+    feature across the windows) and the effective rank of the start frames' target latents (one
+    row of N*D numbers per frame: a collapsed encoder gives every frame the same row, rank 1). The
+    decoder also draws the first psnr_windows windows' futures from the predicted and from the
+    target latents (reconstruction), and from the predictions with shuffled actions: PSNR (of the mean squared error over windows) and SSIM against the true
     frames per horizon, next to those of repeating the start frame; the sharpness of the drawn
     predictions relative to the true frames'; controllability, the PSNR with the true actions
     minus that with shuffled ones (Genie's delta-t PSNR). A figure that cannot be computed (a
@@ -811,7 +841,7 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
     was_training = model.training
     model.eval()
     errors, sums = torch.zeros(3, actions.shape[1]), {}                     # predicted, copy, shuffled
-    start_sum = start_squares = 0.0                                         # for the target std
+    start_sum, start_squares, starts = 0.0, 0.0, []                         # target std, effective rank
     generator = torch.Generator(device).manual_seed(0)                      # the same noise every eval
     for i in range(0, len(frames), chunk):
         f, a = frames[i:i + chunk].to(device), actions[i:i + chunk].to(device)
@@ -824,6 +854,7 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
             errors[row] += jepa_loss(guess, targets[:, 1:]).mean(-1).sum(0).cpu()
         start_sum += targets[:, 0].double().sum(0).cpu()
         start_squares += targets[:, 0].double().pow(2).sum(0).cpu()
+        starts.append(targets[:, 0].flatten(1).cpu())                        # (b, N*D) one row per frame
         if i < psnr_windows:
             b = min(psnr_windows - i, len(f))
             with autocast:                                   # this order: the same noise each eval
@@ -844,7 +875,8 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
     variance = (start_squares - start_sum ** 2 / n) / (n - 1) if n > 1 else None     # per (token, feature)
     metrics = {"val_loss": (errors[0, :model.cfg.rollout].sum() / n / model.cfg.rollout).item(),
                "pred_copy": ratio(errors[0], errors[1]), "action_sensitivity": ratio(errors[2].sum(), errors[0].sum())[0],
-               "target_std": None if variance is None else variance.clamp_min(0).sqrt().mean().item()}
+               "target_std": None if variance is None else variance.clamp_min(0).sqrt().mean().item(),
+               "effective_rank": effective_rank(torch.cat(starts).double() @ torch.cat(starts).double().T)}
     if sums:
         drawn_windows = min(psnr_windows, n)
         for name in ("prediction", "reconstruction", "repeat_start"):
@@ -868,7 +900,7 @@ def format_eval(step, metrics):
 
     text = (f"step {step}: val loss {metrics['val_loss']:.4f} | pred/copy h=1..{len(metrics['pred_copy'])}: "
             f"{row('pred_copy', 2)} | action sensitivity {show(metrics['action_sensitivity'], 2)} | "
-            f"target std {show(metrics['target_std'], 3)}")
+            f"target std {show(metrics['target_std'], 3)} | effective rank {metrics['effective_rank']:.1f}")
     if "psnr_prediction" in metrics:
         text += (f"\n  PSNR dB h=1..: prediction {row('psnr_prediction', 1)} | repeat start {row('psnr_repeat_start', 1)}"
                  f" | reconstruction {row('psnr_reconstruction', 1)}"
@@ -956,6 +988,98 @@ def resume(path, model, optimizer, scaler, say):
 
 
 # -----------------------------------------------------------------------------
+# The plumbing of a training run, so that fit reads as the recipe
+
+
+class Run:
+    """One training run's processes (torchrun), hardware and precision, data, run folder and log,
+    progress bar, stop requests, evaluations and checkpoints. Only rank 0 talks and writes."""
+
+    def __init__(self, cfg):
+        check_config(cfg)
+        self.cfg = cfg
+        self.rank, local_rank, self.world_size = start_processes()
+        self.say = print if self.rank == 0 else (lambda *args, **kwargs: None)
+        self.device, self.dtype = choose_hardware(cfg, local_rank, self.say)
+        self.autocast = autocast_to(self.device.type, self.dtype)
+        torch.manual_seed(cfg.seed)
+        self.sampler, self.val_frames, self.val_actions, self.error_windows, self.ckpt_path = prepare_run(cfg, self.say)
+        self.metrics, self.speeds, self.stopping, self.log, self.started = {}, [], False, None, 0.0
+
+    def start(self, model, optimizer, scaler):
+        """Resume (--resume), compile (--compile), wrap for torchrun, open the log. Returns (the
+        module to train, the first step)."""
+        self.say("parameters: " + ", ".join(f"{part} {n / 1e6:.2f}M" for part, n in count_parameters(model).items()))
+        step = resume(self.ckpt_path, model, optimizer, scaler, self.say) if self.cfg.resume else 0
+        if self.cfg.compile:
+            compile_parts(model)
+        self.log = open_log(self.cfg, step) if self.rank == 0 else None
+        return (nn.parallel.DistributedDataParallel(model) if self.world_size > 1 else model), step
+
+    @contextlib.contextmanager
+    def steps(self, step):
+        """The progress bar, and Ctrl-C, SIGTERM or SIGHUP as requests to stop after the step."""
+        with stop_requests() as self.requests, tqdm(total=self.cfg.steps, initial=step, desc="train", unit="step",
+                                                    dynamic_ncols=True, disable=self.rank > 0) as self.bar:
+            yield
+
+    def begin_step(self, step):
+        """Each step's random draws (its windows, its diffusion noise) come from a seed made of the
+        run's seed, the process and the step: a resumed run draws what an unbroken one would."""
+        self.started = time.perf_counter()
+        torch.manual_seed((self.cfg.seed * 1000 + self.rank) * 10_000_000 + step)
+
+    def share(self, step, **numbers):
+        """The step's one wait for the device: the numbers to log and any stop request, averaged
+        over the processes so that all log the same loss and stop after the same step. A loss
+        that is not finite stops the run."""
+        *values, stops = mean_over_processes([*numbers.values(), len(self.requests)], self.device, self.world_size)
+        self.stopping = stops > 0
+        numbers = dict(zip(numbers, values))
+        if not math.isfinite(numbers["loss"]):
+            raise FloatingPointError(non_finite_loss(numbers["loss"], step, self.ckpt_path, self.dtype))
+        return numbers
+
+    def end_step(self, step, model, optimizer, scaler, **numbers):
+        """Progress and the log record; when due, the decoder's trust (every process), the
+        evaluation (drawing frames at the last step only) and the checkpoint."""
+        cfg, evaluating = self.cfg, step % self.cfg.eval_every == 0 or step == self.cfg.steps
+        self.speeds.append(self.world_size * cfg.batch_size * cfg.grad_accum / (time.perf_counter() - self.started))
+        decoder_loss = numbers["loss"] - numbers["world_loss"]
+        self.bar.update(1)
+        self.bar.set_postfix(world=f"{numbers['world_loss']:.4f}", decoder=f"{decoder_loss:.4f}")
+        record = {"step": step, **numbers, "decoder_loss": decoder_loss, "samples_per_s": self.speeds[-1]}
+        if evaluating:                                     # in every process: saved with the weights
+            measure_latent_error(model, *self.error_windows, self.device, self.autocast)
+        if self.rank == 0 and evaluating:
+            self.metrics = evaluate(model, self.val_frames, self.val_actions, self.device, self.autocast,
+                                    cfg.eval_psnr_windows if step == cfg.steps else 0, cfg.euler_steps)
+            record.update(self.metrics)
+            tqdm.write(format_eval(step, self.metrics))
+        if self.log:
+            self.log.write(prepare_data.to_json(record) + "\n")
+        if self.rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps or self.stopping):
+            save_checkpoint(self.ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                             "scaler": scaler.state_dict(), "step": step, "config": dataclasses.asdict(cfg)})
+            self.log.flush()
+
+    def finish(self, model, step):
+        """Leave the process group, free the run folder, report the speed; after a stop request,
+        exit with the shell's code. Returns (model, the last evaluation's metrics)."""
+        if self.world_size > 1:
+            dist.destroy_process_group()
+        release_run_folder(self.cfg.out_dir)               # another run may use the folder now
+        self.say(f"{len(self.speeds)} steps: median {np.median(self.speeds):.1f} samples/s ({self.cfg.size}, "
+                 f"{self.cfg.dtype})" if self.speeds else f"{self.ckpt_path} is at step {step} already: raise --steps to train on")
+        if self.stopping:
+            self.say(f"interrupted: saved step {step} to {self.ckpt_path}; continue with --resume")
+            # the shell's convention: 128 + the signal's number (130 Ctrl-C, 143 SIGTERM); 130 when
+            # the request came from another process
+            raise SystemExit(128 + self.requests[0] if self.requests else 130)
+        return model, self.metrics
+
+
+# -----------------------------------------------------------------------------
 # Training helpers: the checks of the config, hardware, the data and the run folder, the optimizer,
 # processes, the log, signals
 
@@ -963,8 +1087,10 @@ def resume(path, model, optimizer, scaler, say):
 MODEL_FIELDS = ["image_size", "patch_size", "width", "heads", "encoder_depth", "encoder_mlp_ratio", "conditioner_depth",
                 "conditioner_mlp_ratio", "predictor_depth", "predictor_mlp_ratio", "decoder_width", "decoder_depth",
                 "decoder_heads", "decoder_mlp_ratio"]         # the fields that shape the weights
-MAY_BE_ZERO = {"warmup_steps", "weight_decay", "bench", "eval_psnr_windows"}
+MAY_BE_ZERO = {"warmup_steps", "weight_decay", "bench", "eval_psnr_windows", "sigreg_weight", "vicreg_variance",
+               "vicreg_covariance"}
 FRACTIONS = {"min_lr_ratio", "ema_start", "ema_end"}
+TARGETS = ("ema", "sigreg", "vicreg", "none")
 
 
 def check_config(cfg):
@@ -989,6 +1115,8 @@ def check_config(cfg):
                              f"{getattr(cfg, heads)}")
     if cfg.image_size % cfg.patch_size:
         raise ValueError(f"--image_size {cfg.image_size}: must be divisible by --patch_size {cfg.patch_size}")
+    if cfg.target not in TARGETS:
+        raise ValueError(f"--target {cfg.target}: choose one of {', '.join(TARGETS)}")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {cfg.dtype}: choose one of auto, float32, bfloat16, float16")
     if cfg.size not in PRESETS:
@@ -1055,6 +1183,21 @@ def auto_size(cuda, resolution):
 def autocast_to(device_type, dtype):
     """Mixed precision in dtype; float32 means none."""
     return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def open_dataset(cfg):
+    """Load the dataset and check it fits this model. Returns (index, train episodes, val episodes)."""
+    index, episodes = prepare_data.load_dataset(cfg.data)
+    if index["action_columns"] != ACTION_COLUMNS:
+        raise ValueError(f"{cfg.data}: its action columns differ from this code's; run prepare_data.py again")
+    return index, *prepare_data.split_episodes(cfg.data, index, episodes)
+
+
+def count_parameters(model):
+    """Parameters per part (the target encoder is a copy of the encoder, listed separately)."""
+    parts = ["encoder", "action_conditioner", "predictor", "decoder", "target_encoder"]
+    return {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in parts
+            if getattr(model, part) is not None}
 
 
 BUILTIN_EPISODES = 64      # episodes of the built-in world built when the default --data is missing
@@ -1139,18 +1282,19 @@ def make_optimizer(model, cfg, device_type, dtype):
     return optimizer, torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
 
 
-def accumulate_gradients(trained, sampler, scaler, autocast, device, cfg, world_size):
+def accumulate_gradients(trained, run, scaler):
     """Forward and backward over grad_accum micro-batches of fresh windows; returns the mean loss
     and world-model loss as device tensors, without waiting for the device. (DDP averages the
     gradients across processes on the last micro-batch only.)"""
     loss = world_loss = 0.0
-    for micro in range(cfg.grad_accum):
-        batch = [to_device(x, device) for x in sampler.sample(cfg.batch_size)]    # frames, actions, context
-        with trained.no_sync() if world_size > 1 and micro < cfg.grad_accum - 1 else contextlib.nullcontext():
-            with autocast:
+    accum = run.cfg.grad_accum
+    for micro in range(accum):
+        batch = [to_device(x, run.device) for x in run.sampler.sample(run.cfg.batch_size)]   # frames, actions, context
+        with trained.no_sync() if run.world_size > 1 and micro < accum - 1 else contextlib.nullcontext():
+            with run.autocast:
                 micro_loss, info = trained(*batch)
-            scaler.scale(micro_loss / cfg.grad_accum).backward()
-        loss, world_loss = loss + micro_loss.detach() / cfg.grad_accum, world_loss + info["world_loss"] / cfg.grad_accum
+            scaler.scale(micro_loss / accum).backward()
+        loss, world_loss = loss + micro_loss.detach() / accum, world_loss + info["world_loss"] / accum
     return loss, world_loss
 
 
@@ -1170,6 +1314,15 @@ def start_processes():
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
     return rank, local_rank, world_size
+
+
+def gathered(samples):
+    """The samples of every process, in rank order: a regulariser of the batch sees the global
+    batch (LeJEPA's code does the same), and its gradient flows back to each process's own."""
+    if not dist.is_initialized():
+        return samples
+    import torch.distributed.nn.functional as differentiable      # all_gather with a backward pass
+    return torch.cat(differentiable.all_gather(samples))
 
 
 def mean_over_processes(values, device, world_size):
@@ -1298,7 +1451,8 @@ def benchmark(cfg):
 def compile_parts(model):
     """torch.compile each part (each a plain tensor function); the loops around them stay eager."""
     for part in (model.encoder, model.target_encoder, model.action_conditioner, model.predictor, model.decoder):
-        part.compile()
+        if part is not None:
+            part.compile()
 
 
 # -----------------------------------------------------------------------------
@@ -1315,8 +1469,8 @@ def parse_config(argv=None):
         path = os.path.join(given.get("out_dir", Config.out_dir), "ckpt.pt")
         state = load_checkpoint(path)
         saved, cfg = saved_config(state), saved_config(state, **given)
-        differ = [f"{k}: checkpoint {getattr(saved, k)} vs requested {getattr(cfg, k)}" for k in ["size"] + MODEL_FIELDS
-                  if getattr(saved, k) != getattr(cfg, k)]
+        differ = [f"{k}: checkpoint {getattr(saved, k)} vs requested {getattr(cfg, k)}"
+                  for k in ["size", "target"] + MODEL_FIELDS if getattr(saved, k) != getattr(cfg, k)]
         if differ:
             raise CheckpointError(f"{path} holds a different model ({', '.join(differ)}); drop those flags or use "
                                   "another --out_dir")

@@ -196,6 +196,59 @@ def probe_data(model, episodes, every):
     return {name: torch.cat([f[name] for f in features]) for name in POOLINGS}, torch.from_numpy(np.concatenate(targets))
 
 
+IMAGINED_STEPS = (4, 8)     # model steps ahead whose predicted latent the imagination probe reads
+IMAGINATION_EVERY = 4       # frames between the probe's windows
+IMAGINATION_L2 = 1e-2       # its ridge penalty: 2 x 2 x 8 x 128 features need more than --probe_l2
+CHANGES = ["yaw", "pitch", "forward", "right"]   # over those steps: the view's turn and the move in the
+                                                 # player's own frame at the start (degrees, blocks)
+
+
+def view_and_move_change(start, end):
+    """How the recorded state (yaw, pitch, x, y, z) changed from start to end (n, 5) -> (n, 4):
+    the turn and tilt (degrees, the turn wrapped to -180..180) and the move forward and to the
+    right in the player's frame at the start (blocks, across the world's wrapping edges)."""
+    turn = (end[:, 0] - start[:, 0] + 180) % 360 - 180
+    half = prepare_data.WORLD_SIZE / 2
+    dx, dz = ((end[:, i] - start[:, i] + half) % prepare_data.WORLD_SIZE - half for i in (2, 4))
+    yaw = np.radians(start[:, 0])            # forward is (-sin yaw, cos yaw) in (x, z), as the world moves
+    return np.stack([turn, end[:, 1] - start[:, 1], -np.sin(yaw) * dx + np.cos(yaw) * dz,
+                     -np.cos(yaw) * dx - np.sin(yaw) * dz], axis=1)
+
+
+@torch.no_grad()
+def imagination_data(model, cfg, episodes, every):
+    """Windows every `every` frames of each episode. Features: the rows+columns pooling of the
+    start latent beside that of the latent the model predicts k steps ahead under the recorded
+    inputs, for each k in IMAGINED_STEPS, and of the start latent twice (the model imagines
+    nothing). Targets: view_and_move_change over k steps."""
+    features, targets = {k: [] for k in IMAGINED_STEPS + ("start twice",)}, {k: [] for k in IMAGINED_STEPS}
+    device, span = next(model.parameters()).device, max(IMAGINED_STEPS) * cfg.frame_skip
+    for episode in tqdm(episodes, desc="imagination features", unit="episode", leave=False):
+        starts = np.arange(0, len(episode["frames"]) - span, every)
+        if not len(starts):
+            continue
+        frames = torch.from_numpy(np.asarray(episode["frames"][starts]))[:, None].to(device)     # (n, 1, H, W, 3)
+        windows = torch.from_numpy(np.stack([[iwm.action_window(episode["actions"], t + (k + 1) * cfg.frame_skip,
+                                                                 cfg.action_window) for k in range(max(IMAGINED_STEPS))]
+                                             for t in starts])).to(device)                       # (n, k, K, A)
+        latent, base = model.encode(frames)[:, 0], model.encode_target(frames)[:, 0]              # (n, N, D)
+        predicted = model.rollout(latent, windows, base)                                          # (n, k, N, D)
+        start = rows_and_columns(latent, cfg)
+        features["start twice"].append(torch.cat([start, start], dim=1))
+        state = np.asarray(episode["state"], np.float64)
+        for k in IMAGINED_STEPS:
+            features[k].append(torch.cat([start, rows_and_columns(predicted[:, k - 1], cfg)], dim=1))
+            targets[k].append(view_and_move_change(state[starts], state[starts + k * cfg.frame_skip]))
+    return ({k: torch.cat(v) for k, v in features.items()},
+            {k: torch.from_numpy(np.concatenate(v)) for k, v in targets.items()})
+
+
+def rows_and_columns(tokens, cfg):
+    """Tokens (n, N, D) averaged along each row and each column of the token grid: (n, 2 * grid * D)."""
+    grid = tokens.float().cpu().unflatten(1, (cfg.image_size // cfg.patch_size, -1))             # (n, g, g, D)
+    return torch.cat([grid.mean(dim=2).flatten(1), grid.mean(dim=1).flatten(1)], dim=1)
+
+
 def run_probes(model, cfg, train_episodes, val_episodes, args):
     """Ridge probes fit on training episodes, R^2 on validation episodes; a randomly initialised
     model is the baseline."""
@@ -216,7 +269,23 @@ def run_probes(model, cfg, train_episodes, val_episodes, args):
     print(f"{'encoder, pooling':28s}" + "".join(f"{t:>9s}" for t in PROBE_TARGETS))
     for name, values in scores.items():
         print(f"{name:28s}" + "".join(f"{iwm.show(v, 3):>9s}" for v in values.values()))
-    return "probe", {"r_squared": scores}
+    imagination = {}
+    for name, world_model in (("trained", model), ("random init", iwm.WorldModel(cfg).to(args.device).eval())):
+        (train_features, train_targets), (val_features, val_targets) = (
+            imagination_data(world_model, cfg, episodes, IMAGINATION_EVERY) for episodes in (train_episodes, val_episodes))
+        for k in IMAGINED_STEPS:
+            for given in (f"start + predicted {k}", "start twice"):
+                fit = fit_ridge(train_features[k if given != "start twice" else given], train_targets[k], l2=IMAGINATION_L2)
+                features = val_features[k if given != "start twice" else given]
+                imagination[f"{name}, {given}, change over {k}"] = dict(
+                    zip(CHANGES, r_squared(fit(features), val_targets[k]).tolist()))
+    print(f"imagination probe R^2: how the view and position change over k steps ({IMAGINED_STEPS} x "
+          f"{cfg.frame_skip} frames), read off the start latent beside the one predicted k steps ahead (rows+columns "
+          f"pooling, windows every {IMAGINATION_EVERY} frames, ridge l2 {IMAGINATION_L2})")
+    print(f"{'world model, features, steps':42s}" + "".join(f"{t:>9s}" for t in CHANGES))
+    for name, values in imagination.items():
+        print(f"{name:42s}" + "".join(f"{iwm.show(v, 3):>9s}" for v in values.values()))
+    return "probe", {"r_squared": scores, "imagination_r_squared": imagination}
 
 
 # -----------------------------------------------------------------------------

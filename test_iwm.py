@@ -773,6 +773,16 @@ def test_cem_returns_its_best_sample_not_a_mean_between_two_optima():
         assert (plan > 0).all() or (plan < 0).all(), plan             # in one of the two modes
 
 
+def test_the_imagination_probes_targets_are_the_turn_and_the_move_in_the_players_own_frame():
+    start = np.array([[170.0, 10, 5, 64, 127], [0, 0, 1, 64, 1], [90, 0, 1, 64, 1]])     # yaw, pitch, x, y, z
+    end = np.array([[-170.0, 20, 5, 64, 1], [0, 0, 1, 64, 3], [90, 0, 3, 64, 1]])
+    change = sample.view_and_move_change(start, end)
+    np.testing.assert_allclose(change[:, :2], [[20, 10], [0, 0], [0, 0]])       # turned across -180/180
+    np.testing.assert_allclose(change[0, 2:], [2 * np.cos(np.radians(170)), -2 * np.sin(np.radians(170))], atol=1e-9)
+    np.testing.assert_allclose(change[1, 2:], [2, 0], atol=1e-9)               # yaw 0 faces +z: 2 blocks forward
+    np.testing.assert_allclose(change[2, 2:], [-2, 0], atol=1e-9)              # yaw 90 faces -x: +x is backward
+
+
 def test_ridge_probe_recovers_a_known_linear_map_and_scores_noise_as_zero():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 8, generator=g) * torch.linspace(1, 10, 8)    # features of unequal scales
@@ -847,6 +857,9 @@ def test_sample_py_plan_probe_and_surprise_write_their_results(builtin_dataset, 
     scores = json.load(open(tmp_path / "s" / "probe.json"))["r_squared"]
     assert set(scores) == {f"{e}, {p}" for e in ("trained", "random init") for p in sample.POOLINGS}
     assert all(set(row) == set(sample.PROBE_TARGETS) for row in scores.values())
+    imagination = json.load(open(tmp_path / "s" / "probe.json"))["imagination_r_squared"]
+    assert "trained, start + predicted 8, change over 8" in imagination and "random init, start twice, change over 4" in imagination
+    assert all(set(row) == set(sample.CHANGES) for row in imagination.values())
 
 
 # -----------------------------------------------------------------------------
@@ -1596,3 +1609,106 @@ def test_advice_points_the_right_way(builtin_raw, builtin_dataset, tmp_path):
                                    "warnings.warn('overflow')"], capture_output=True, text=True,
                                   cwd=os.path.dirname(os.path.abspath(__file__))).stderr
     assert warnings_out == "warning: overflow\n"
+
+
+# -----------------------------------------------------------------------------
+# What keeps the latents apart: --target ema | sigreg | vicreg | none
+
+
+def test_sigreg_is_the_epps_pulley_statistic_near_its_floor_for_gaussians_and_far_above_for_a_constant():
+    samples = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    statistic = iwm.sigreg(samples)
+    torch.manual_seed(0)                                   # the same directions, computed directly
+    directions = torch.randn(16, iwm.SIGREG_DIRECTIONS)
+    directions = directions / directions.norm(dim=0)
+    s = torch.linspace(0, 3, iwm.SIGREG_POINTS, dtype=torch.float64)
+    x = (samples @ directions).double()
+    empirical = torch.exp(1j * x[..., None] * s).mean(dim=0)                   # (directions, points)
+    integrand = (empirical - torch.exp(-s ** 2 / 2)).abs() ** 2 * torch.exp(-s ** 2 / 2)
+    direct = 2 * len(samples) * torch.trapezoid(integrand, s, dim=-1).mean()    # doubled: s < 0 mirrors s > 0
+    assert statistic.item() == pytest.approx(direct.item(), rel=1e-4)
+    gaussian = [iwm.sigreg(torch.randn(256, 32)).item() for _ in range(5)]
+    assert 0.7 < np.mean(gaussian) < 1.5                                       # the floor, about 1
+    assert iwm.sigreg(torch.zeros(256, 32)).item() > 0.3 * 256                 # a collapsed batch
+    assert torch.isfinite(iwm.sigreg(torch.full((8, 4), 1e4)))
+
+
+def test_vicreg_terms_on_known_inputs():
+    g = torch.Generator().manual_seed(0)
+    spread = 3 * torch.randn(20_000, 4, generator=g)                           # std 3, independent
+    variance, covariance = iwm.vicreg_terms(spread)
+    assert variance.item() == 0 and covariance.item() < 0.05                   # 81 for two copies of one
+    variance, covariance = iwm.vicreg_terms(torch.zeros(10, 4))                 # collapsed
+    assert variance.item() == pytest.approx(1 - 1e-2) and covariance.item() == 0
+    x = torch.randn(20_000, 1, generator=g)
+    _, covariance = iwm.vicreg_terms(torch.cat([x, x], dim=1))                 # two copies of one feature
+    assert covariance.item() == pytest.approx(2 * 1.0 ** 2 / 2, rel=0.05)
+
+
+def test_effective_rank_of_known_matrices():
+    x = torch.randn(10_000, 8, generator=torch.Generator().manual_seed(0))
+    assert iwm.effective_rank(x.T @ x) == pytest.approx(8, rel=0.02)
+    line = torch.outer(torch.randn(100), torch.randn(8)).double()              # every row on one line
+    assert iwm.effective_rank(line.T @ line) == pytest.approx(1, abs=1e-3)
+    two = torch.cat([torch.randn(500, 2), torch.zeros(500, 6)], dim=1)
+    assert iwm.effective_rank(two.T @ two) == pytest.approx(2, rel=0.05)
+
+
+def test_without_a_regulariser_the_online_target_collapses(builtin_dataset, tmp_path):
+    figures = {}
+    for target in ("none", "sigreg"):
+        cfg = small_config(data=builtin_dataset, out_dir=str(tmp_path / target), target=target, steps=120,
+                           eval_every=120, ckpt_every=120, lr=3e-3, warmup_steps=5, eval_psnr_windows=0)
+        torch.manual_seed(0)
+        untrained = iwm.evaluate(iwm.WorldModel(cfg), *iwm.prepare_run(cfg, print)[1:3], torch.device("cpu"),
+                                 iwm.autocast_to("cpu", torch.float32))
+        model, trained = iwm.fit(cfg)
+        figures[target] = {key: (untrained[key], trained[key]) for key in ("target_std", "effective_rank")}
+        assert model.target_encoder is None and not any("target_encoder" in k for k in model.state_dict())
+    none, sigreg = figures["none"], figures["sigreg"]
+    assert none["target_std"][1] < 0.5 * none["target_std"][0], figures     # the lesson, in numbers
+    assert none["effective_rank"][1] < none["effective_rank"][0], figures
+    assert sigreg["target_std"][1] > 10 * none["target_std"][1], figures
+    assert sigreg["effective_rank"][1] > none["effective_rank"][1], figures
+
+
+def test_a_checkpoint_records_its_target_resume_refuses_another_and_old_checkpoints_load_as_ema(builtin_dataset,
+                                                                                                tmp_path):
+    iwm.fit(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=2, target="vicreg"))
+    with pytest.raises(iwm.CheckpointError, match="target: checkpoint vicreg vs requested ema"):
+        iwm.parse_config(["--out_dir", str(tmp_path), "--resume", "--target", "ema"])
+    code, out = run_script("iwm.py", "--target", "byol")
+    assert code == 1 and "--target byol: choose one of ema, sigreg, vicreg, none" in out
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    del state["config"]["target"]                                              # written before --target existed
+    assert iwm.saved_config(state).target == "ema"
+
+
+def regularizer_of_half(rank, port, samples, target, out):
+    """One of two gloo processes: the regulariser of its half of the batch (module level, so that
+    torch.multiprocessing can start it)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(rank)                          # different seeds: the directions come from rank 0
+    half = samples[rank * len(samples) // 2:(rank + 1) * len(samples) // 2].clone().requires_grad_()
+    cfg = small_config(target=target)
+    value = iwm.target_regularizer(half[:, None, None], cfg)               # (B, S=1, N=1, D)
+    value.backward()
+    torch.save((value.detach(), half.grad), os.path.join(out, f"{target}{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("target", ["sigreg", "vicreg"])
+def test_two_gloo_processes_regularise_the_global_batch(tmp_path, target):
+    samples = torch.randn(48, 8, generator=torch.Generator().manual_seed(3))
+    torch.multiprocessing.spawn(regularizer_of_half, args=(free_port(), samples, target, str(tmp_path)), nprocs=2)
+    torch.manual_seed(0)                              # rank 0's directions
+    whole = samples.clone().requires_grad_()
+    expected = iwm.target_regularizer(whole[:, None, None], small_config(target=target))
+    expected.backward()
+    for rank in range(2):
+        value, grad = torch.load(tmp_path / f"{target}{rank}.pt")
+        assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+        # each process's gradient, once DDP averages it over the two, is the whole batch's
+        torch.testing.assert_close(grad / 2, whole.grad[rank * 24:(rank + 1) * 24], rtol=1e-4, atol=1e-6)
