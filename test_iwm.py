@@ -8,6 +8,7 @@ import http.server
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1479,7 +1480,7 @@ def test_no_input_gives_a_wrong_dataset_silently(tmp_path):
                                 ("mouse", {"dx": -4e38}, "dx is -4e+38, expected a finite number")):
         lines = [line() for _ in range(4)]
         lines[2][field] = value
-        with pytest.raises(pd.EpisodeError, match=f"line 3: {words}"):
+        with pytest.raises(pd.EpisodeError, match=re.escape(f"line 3: {words}")):
             pd.actions_from_lines(lines)
 
 
@@ -1696,6 +1697,7 @@ def regularizer_of_half(rank, port, samples, target, out):
     value = iwm.target_regularizer(half[:, None, None], cfg)               # (B, S=1, N=1, D)
     value.backward()
     torch.save((value.detach(), half.grad), os.path.join(out, f"{target}{rank}.pt"))
+    torch.distributed.barrier()                     # neither leaves while the other still talks
     torch.distributed.destroy_process_group()
 
 
