@@ -248,11 +248,10 @@ def run_blocks(blocks, x, *context, checkpoint=False):
 
 
 class Encoder(nn.Module):
-    """ViT: patchify, add fixed 2-D positions, pre-norm blocks, a final layer norm without affine.
-    Without a learnable scale or shift, its output lives in the same space as the training target
-    (the target encoder's output, normalised the same way, as in I-JEPA), so the predictor's
-    outputs can be fed back in as inputs during rollouts. (Without an EMA target, a projector with
-    BatchNorm follows, as in LeWM: a regulariser cannot move a layer-normalised output.)"""
+    """ViT: patchify, add fixed 2-D positions, pre-norm blocks, a final layer norm without affine,
+    so its output lives in the target's space (I-JEPA) and predictions can be fed back in during
+    rollouts. Without an EMA target, a projector with BatchNorm follows (LeWM): a regulariser of
+    the latents' distribution cannot move a layer-normalised output."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -354,8 +353,8 @@ def rectified_flow_sample(velocity, shape, euler_steps, generator=None, device="
 
 
 MIN_T = 0.05   # floor of t when a velocity is derived from a predicted clean image
-MAX_LATENT_NOISE = 1.0   # the decoder learns with latent noise up to this std: latents have unit
-                         # variance per token, and the predictor's RMS error stays below ~0.7
+MAX_LATENT_NOISE = 1.0   # the decoder learns with latent noise up to this std (latents: unit
+                         # variance per token; the predictor's RMS error stays below ~0.7)
 MEASURED_STEPS = 16      # rollout steps whose latent error is measured (later steps reuse the last)
 
 
@@ -491,19 +490,21 @@ def jepa_loss(predicted, target):
 
 
 def target_regularizer(latents, cfg):                         # (B, S, N, D) the targets
-    """The regulariser of the target latents (0 for ema and none), on the mean token of each frame
-    (docs/recipes.md compares it with tokens), in float32 (SIGReg turns NaN late in bf16 training),
-    on the global batch under torchrun."""
+    """The regulariser of the target latents (0 for ema and none) on a few random tokens of each
+    frame (all of them cost SIGReg 20x the step; one mean token per frame, as LeWM, lost the
+    picture: docs/recipes.md), in float32 (SIGReg turns NaN late in bf16), on the global batch."""
     if cfg.target in ("ema", "none"):
         return 0.0
-    with torch.autocast(latents.device.type, enabled=False):  # one vector per frame, as in LeWM
-        samples = gathered(latents.mean(dim=2).flatten(0, 1).float())                 # (B*S, D)
+    tokens = latents[:, :, torch.randperm(latents.shape[2])[:TOKENS_PER_FRAME]]      # (B, S, 8, D)
+    with torch.autocast(latents.device.type, enabled=False):
+        samples = gathered(tokens.flatten(0, 2).float())                              # (M, D)
         if cfg.target == "sigreg":
             return cfg.sigreg_weight * sigreg(samples)
         variance, covariance = vicreg_terms(samples)
         return cfg.vicreg_variance * variance + cfg.vicreg_covariance * covariance
 
 
+TOKENS_PER_FRAME = 8       # tokens of each frame that the regulariser sees
 SIGREG_DIRECTIONS = 1024   # random unit directions, drawn afresh each step (LeJEPA)
 SIGREG_POINTS = 17         # points s on [0, 3] where characteristic functions are compared
 
@@ -543,8 +544,7 @@ class WorldModel(nn.Module):
         self.encoder = Encoder(cfg)
         self.action_conditioner = ActionConditioner(cfg)
         self.predictor = Predictor(cfg)
-        # --target ema: an EMA copy of the encoder, never trained directly; otherwise none
-        ema = cfg.target == "ema"
+        ema = cfg.target == "ema"              # then the target is an EMA copy of the encoder
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False) if ema else None
         self.decoder = Decoder(cfg)                            # reads detached latents only
         # The predictor's RMS latent error at rollout steps 1..16, measured on training windows at
