@@ -841,7 +841,7 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
     was_training = model.training
     model.eval()
     errors, sums = torch.zeros(3, actions.shape[1]), {}                     # predicted, copy, shuffled
-    start_sum, start_squares, starts = 0.0, 0.0, []                         # target std, effective rank
+    starts = []                                          # start frames' target latents: std, rank
     generator = torch.Generator(device).manual_seed(0)                      # the same noise every eval
     for i in range(0, len(frames), chunk):
         f, a = frames[i:i + chunk].to(device), actions[i:i + chunk].to(device)
@@ -852,8 +852,6 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
             shuffled = model.rollout(latent, a.roll(1, dims=0), targets[:, 0]).float()   # another window's actions
         for row, guess in enumerate([predicted, targets[:, :1], shuffled]):  # targets[:, :1]: "nothing changes"
             errors[row] += jepa_loss(guess, targets[:, 1:]).mean(-1).sum(0).cpu()
-        start_sum += targets[:, 0].double().sum(0).cpu()
-        start_squares += targets[:, 0].double().pow(2).sum(0).cpu()
         starts.append(targets[:, 0].flatten(1).cpu())                        # (b, N*D) one row per frame
         if i < psnr_windows:
             b = min(psnr_windows - i, len(f))
@@ -871,12 +869,11 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
                                ("ssim_repeat_start", ssim(start, truth)),
                                ("sharp_prediction", sharpness(drawn)), ("sharp_truth", sharpness(truth))):
                 sums[key] = sums.get(key, 0) + value.sum(0).cpu()
-    n = len(frames)
-    variance = (start_squares - start_sum ** 2 / n) / (n - 1) if n > 1 else None     # per (token, feature)
+    n, starts = len(frames), torch.cat(starts).double()                     # (n, N*D)
     metrics = {"val_loss": (errors[0, :model.cfg.rollout].sum() / n / model.cfg.rollout).item(),
                "pred_copy": ratio(errors[0], errors[1]), "action_sensitivity": ratio(errors[2].sum(), errors[0].sum())[0],
-               "target_std": None if variance is None else variance.clamp_min(0).sqrt().mean().item(),
-               "effective_rank": effective_rank(torch.cat(starts).double() @ torch.cat(starts).double().T)}
+               "target_std": starts.std(dim=0).mean().item() if n > 1 else None,   # per (token, feature)
+               "effective_rank": effective_rank(starts @ starts.T)}
     if sums:
         drawn_windows = min(psnr_windows, n)
         for name in ("prediction", "reconstruction", "repeat_start"):
@@ -1200,6 +1197,14 @@ def count_parameters(model):
             if getattr(model, part) is not None}
 
 
+def require_trained_dataset(cfg, trained_by):
+    """The dataset a run or checkpoint trained on (cfg.data) must still be there; if it moved,
+    say so and ask for --data, rather than advising to prepare a new one."""
+    if not os.path.exists(os.path.join(cfg.data, "index.json")):
+        raise ValueError(f"{cfg.data}: the dataset {trained_by} trained on is not there (moved or deleted?); "
+                         "give its folder with --data")
+
+
 BUILTIN_EPISODES = 64      # episodes of the built-in world built when the default --data is missing
 
 
@@ -1213,9 +1218,8 @@ def prepare_run(cfg, say):
             prepare_data.main(["--synthetic", str(BUILTIN_EPISODES), "--out", cfg.data])
         if dist.is_initialized():
             dist.barrier()                                  # the other processes wait for it
-    if cfg.resume and not os.path.exists(os.path.join(cfg.data, "index.json")):
-        raise ValueError(f"{cfg.data}: the dataset this run trained on is not there (moved or deleted?); "
-                         "give its folder with --data")
+    if cfg.resume:
+        require_trained_dataset(cfg, "this run")
     index, train_episodes, val_episodes = open_dataset(cfg)
     val_frames, val_actions, _ = WindowSampler(val_episodes, cfg.eval_horizon, cfg, "--eval_horizon").sample(
         cfg.eval_windows, torch.Generator().manual_seed(1234))    # the same windows every time

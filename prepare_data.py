@@ -225,10 +225,15 @@ def session_of(stem):
     return match.group(1) if match else stem
 
 
+def split_key(stem, split_by):
+    """What the split keeps together: the recording session (default) or the episode itself."""
+    return session_of(stem) if split_by == "session" else stem
+
+
 def split_of(stem, val_fraction, split_by="session"):
     """Deterministic train/val split by recording session (or, with split_by="episode", by
     episode), so that chunks of one session land on the same side."""
-    key = session_of(stem) if split_by == "session" else stem
+    key = split_key(stem, split_by)
     return "val" if int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2 ** 64 < val_fraction else "train"
 
 
@@ -284,13 +289,8 @@ def _convert_job(job):
 def find_episodes(raw_dir):
     """Pairs (mp4, jsonl) in a folder; a file without its partner is reported, not converted.
     A folder with no pair but videos in its subfolders is an error that names them."""
-    files = {os.path.splitext(name): name for name in os.listdir(raw_dir)}      # (stem, ext) -> name
-    by_stem = {}                                         # stem -> {".mp4": name, ".jsonl": name}, any case
-    for (stem, ext), name in sorted(files.items()):
-        if ext.lower() in (".mp4", ".jsonl"):
-            by_stem.setdefault(stem, {})[ext.lower()] = name
     pairs, problems = [], []
-    for stem, found in by_stem.items():
+    for stem, found in recordings_by_stem(raw_dir).items():
         if len(found) == 2:
             pairs.append((os.path.join(raw_dir, found[".mp4"]), os.path.join(raw_dir, found[".jsonl"])))
         else:
@@ -302,6 +302,17 @@ def find_episodes(raw_dir):
                                                                  recursive=True) if path.lower().endswith(".mp4")})
     raise DatasetError(f"{raw_dir}: no <stem>.mp4 + <stem>.jsonl pairs in it" + (
         f", but there are .mp4 files in {', '.join(below[:3])}: pass that folder to --vpt" if below else ""))
+
+
+def recordings_by_stem(folder):
+    """The .mp4 and .jsonl files of a folder, extensions in any case: {stem: {".mp4": name,
+    ".jsonl": name}}, sorted by stem."""
+    by_stem = {}
+    for name in sorted(os.listdir(folder), key=os.path.splitext):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in (".mp4", ".jsonl"):
+            by_stem.setdefault(stem, {})[ext.lower()] = name
+    return by_stem
 
 
 PARTIAL = "partial"      # <out>/partial: episodes and built-in recordings being written (ours alone)
@@ -318,8 +329,8 @@ def jsonl_beside(video_path):
     folder, (stem, ext) = os.path.dirname(video_path) or ".", os.path.splitext(os.path.basename(video_path))
     if ext.lower() != ".mp4" or not os.path.isfile(video_path):
         return None
-    return next((os.path.join(folder, name) for name in sorted(os.listdir(folder))
-                 if os.path.splitext(name)[0] == stem and os.path.splitext(name)[1].lower() == ".jsonl"), None)
+    jsonl = recordings_by_stem(folder)[stem].get(".jsonl")
+    return jsonl and os.path.join(folder, jsonl)
 
 
 def start_dataset(out_dir, res):
@@ -427,8 +438,8 @@ def balance_split(episodes, split_by):
     validation (or the highest-hash one to training), still deterministic and still by session."""
     groups = {}
     for episode in episodes:
-        key = session_of(episode["name"]) if split_by == "session" else episode["name"]
-        groups.setdefault(hashlib.sha1(key.encode()).hexdigest(), []).append(episode)
+        key = hashlib.sha1(split_key(episode["name"], split_by).encode()).hexdigest()
+        groups.setdefault(key, []).append(episode)
     sides = {e["split"] for e in episodes}
     if len(groups) > 1 and len(sides) == 1:
         moved, side = (min(groups), "val") if sides == {"train"} else (max(groups), "train")
@@ -444,7 +455,7 @@ def split_episodes(data_dir, index, episodes):
     if train and val:
         return train, val
     by = index.get("split_by", "session")
-    groups = len({session_of(e["name"]) if by == "session" else e["name"] for e in episodes})
+    groups = len({split_key(e["name"], by) for e in episodes})
     advice = ("add episodes" if len(episodes) < 2 else
               f"add episodes of another recording session, or split by episode: python prepare_data.py "
               f"--vpt <your folder> --out {data_dir} --split episode" if groups == 1 else

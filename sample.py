@@ -14,7 +14,6 @@ with the actions of each step under every panel.
 """
 import argparse
 import copy
-import json
 import math
 import os
 import sys
@@ -162,9 +161,8 @@ def pooled_latents(model, frames, chunk=256):
     device, pooled = next(model.parameters()).device, {name: [] for name in POOLINGS}
     for i in range(0, len(frames), chunk):
         tokens = model.encode(torch.from_numpy(np.array(frames[i:i + chunk]))[None].to(device))[0].float().cpu()
-        grid = tokens.unflatten(1, (model.cfg.image_size // model.cfg.patch_size, -1))   # (n, g, g, D)
         pooled["mean"].append(tokens.mean(dim=1))
-        pooled["rows+columns"].append(torch.cat([grid.mean(dim=2).flatten(1), grid.mean(dim=1).flatten(1)], dim=1))
+        pooled["rows+columns"].append(rows_and_columns(tokens, model.cfg))
     return {name: torch.cat(parts) for name, parts in pooled.items()}
 
 
@@ -274,11 +272,10 @@ def run_probes(model, cfg, train_episodes, val_episodes, args):
         (train_features, train_targets), (val_features, val_targets) = (
             imagination_data(world_model, cfg, episodes, IMAGINATION_EVERY) for episodes in (train_episodes, val_episodes))
         for k in IMAGINED_STEPS:
-            for given in (f"start + predicted {k}", "start twice"):
-                fit = fit_ridge(train_features[k if given != "start twice" else given], train_targets[k], l2=IMAGINATION_L2)
-                features = val_features[k if given != "start twice" else given]
+            for given, key in ((f"start + predicted {k}", k), ("start twice", "start twice")):
+                fit = fit_ridge(train_features[key], train_targets[k], l2=IMAGINATION_L2)
                 imagination[f"{name}, {given}, change over {k}"] = dict(
-                    zip(CHANGES, r_squared(fit(features), val_targets[k]).tolist()))
+                    zip(CHANGES, r_squared(fit(val_features[key]), val_targets[k]).tolist()))
     print(f"imagination probe R^2: how the view and position change over k steps ({IMAGINED_STEPS} x "
           f"{cfg.frame_skip} frames), read off the start latent beside the one predicted k steps ahead (rows+columns "
           f"pooling, windows every {IMAGINATION_EVERY} frames, ridge l2 {IMAGINATION_L2})")
@@ -628,9 +625,8 @@ def main(argv=None):
         elif args.video:
             name, results = run_rollouts(model, cfg, [read_video(args.video, cfg)], args, out)
         else:
-            if not args.data and not os.path.exists(os.path.join(cfg.data, "index.json")):
-                raise ValueError(f"{cfg.data}: the dataset {args.ckpt} trained on is not there (moved or deleted?); "
-                                 "give its folder with --data")
+            if not args.data:
+                iwm.require_trained_dataset(cfg, args.ckpt)
             _, train_episodes, val_episodes = iwm.open_dataset(cfg)
             name, results = (run_probes(model, cfg, train_episodes, val_episodes, args) if args.probe
                              else run_rollouts(model, cfg, val_episodes, args, out))
