@@ -33,8 +33,9 @@ E decoder width, K action window (25), A action columns, H/W pixels, p patch siz
     torchrun --nproc_per_node=4 iwm.py --steps 3000   # one process per GPU (DDP)
     python iwm.py --help                        # every flag, generated from Config below
 
-Reading order: config, helpers, attention, encoder, action conditioner, predictor, decoder, the
-world model (loss, regularisers, EMA), data, the training loop; then evaluation and plumbing.
+Reading order: config, helpers, attention, encoder, action conditioner, rectified flow, predictor,
+decoder, the world model (loss, regularisers, EMA), the training loop; then data, evaluation and
+plumbing.
 """
 import argparse
 import contextlib
@@ -110,7 +111,7 @@ class Config:
     euler_steps: int = 10            # Euler steps per frame the decoder draws (more: finer, slower)
     seed: int = 0
     # --- hardware ---
-    device: str = "auto"             # cpu | cuda | cuda:N | auto
+    device: str = "auto"             # cpu | cuda | cuda:N | mps (Apple silicon; never auto) | auto
     dtype: str = "auto"              # float32 | bfloat16 | float16 (autocast) | auto
     grad_ckpt: bool = False          # activation checkpointing: recompute each block's activations
                                      # in the backward pass instead of storing them (less memory)
@@ -297,65 +298,43 @@ class ActionConditioner(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Predictor: conditioned tokens -> the tokens of the next model step
+# Rectified flow (minRF, SD3), used twice: the predictor draws a possible next latent with it, the
+# decoder a picture. t = 0 is the data, t = 1 pure noise, x_t = (1 - t) x_0 + t noise, velocity
+# v = dx_t/dt = noise - x_0; sampling integrates v from t = 1 down to 0 in Euler steps. The
+# network predicts the clean x_0 and v is derived from it (JiT, 2025): a velocity contains the
+# noise, which a small network (or a token narrower than its patch, 128 < 8*8*3) cannot carry.
+# The loss, the velocity error weighted by t^2, is exactly the clean error: every noise level
+# counts the same (unweighted, the nearly clean end would weigh up to 400 times more).
+
+MIN_T = 0.05   # floor of t when a velocity is derived from a predicted clean x_0 (JiT)
+LATENT_EULER_STEPS = 4   # Euler steps per sampled latent (JEDI draws its latents in 3)
 
 
-class Predictor(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        grid = cfg.image_size // cfg.patch_size
-        self.register_buffer("positions", sincos_positions_2d(grid, cfg.width), persistent=False)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.predictor_mlp_ratio)
-                                    for _ in range(cfg.predictor_depth))
-        self.norm = nn.LayerNorm(cfg.width)
-        self.head = nn.Linear(cfg.width, cfg.width)
-        # Zero-initialised head: the untrained predictor says "nothing changes" (copy the
-        # latent), the baseline every result is compared with, and learns the change from there.
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-        self.grad_ckpt = cfg.grad_ckpt
-
-    def forward(self, conditioned, base):                      # (B, N, D), (B, N, D)
-        x = conditioned + self.positions                       # (B, N, D)
-        x = run_blocks(self.blocks, x, checkpoint=self.grad_ckpt)
-        return base + self.head(self.norm(x))                  # (B, N, D) base + predicted change
-
-
-# -----------------------------------------------------------------------------
-# Diffusion decoder: latent tokens -> pixels, for watching and scoring predictions only.
-# Rectified flow (minRF, SD3): t = 0 is the data, t = 1 pure noise, x_t = (1 - t) x_0 + t noise,
-# velocity v = dx_t/dt = noise - x_0; sampling integrates v from t = 1 down to 0 in Euler steps.
-# The network predicts the clean image x_0 and v is derived from it (JiT, 2025): a velocity
-# contains the noise, which a patch token narrower than its patch (128 < 8*8*3) cannot carry.
-# The loss, the velocity error weighted by t^2, is exactly the clean-image error: every noise
-# level counts the same (unweighted, the nearly clean end would weigh up to 400 times more).
+def per_example(t, x):
+    """t (B,) shaped to broadcast over x (B, ...)."""
+    return t.view(-1, *[1] * (x.dim() - 1))
 
 
 def rectified_flow_loss(predict_clean, x0):
-    """Per-example t^2-weighted velocity MSE (= clean-image MSE). predict_clean(x_t, t) is the
+    """Per-example t^2-weighted velocity MSE (= clean MSE) -> (B,). predict_clean(x_t, t) is the
     model. t ~ logit-normal (sigmoid of a standard normal, SD3): mid-range times, where the
-    picture takes shape, are sampled most."""
+    sample takes shape, are drawn most."""
     t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device))
-    noise = torch.randn_like(x0)
-    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+    x_t = (1 - per_example(t, x0)) * x0 + per_example(t, x0) * torch.randn_like(x0)
     # t^2 * |v_hat - v|^2 with v_hat = (x_t - x0_hat) / t and v = (x_t - x0) / t:
-    return (predict_clean(x_t, t).float() - x0).pow(2).mean(dim=(1, 2, 3))
+    return (predict_clean(x_t, t).float() - x0.float()).pow(2).flatten(1).mean(dim=1)
 
 
 @torch.no_grad()
-def rectified_flow_sample(velocity, shape, euler_steps, generator=None, device="cpu"):
-    """Start from noise at t = 1 and take euler_steps steps of size 1/euler_steps down to t = 0."""
+def rectified_flow_sample(predict_clean, shape, euler_steps, generator=None, device="cpu"):
+    """Start from noise at t = 1 and take euler_steps steps of size 1/euler_steps down to t = 0,
+    each along v = (x_t - x_0) / t from the predicted clean x_0 (t floored at MIN_T)."""
     x = torch.randn(shape, generator=generator, device=device)
     for i in range(euler_steps):
         t = torch.full((shape[0],), 1 - i / euler_steps, device=device)
-        x = x - velocity(x, t).float() / euler_steps
+        velocity = (x - predict_clean(x, t).float()) / per_example(t.clamp_min(MIN_T), x)
+        x = x - velocity / euler_steps
     return x
-
-
-MIN_T = 0.05   # floor of t when a velocity is derived from a predicted clean image
-MAX_LATENT_NOISE = 1.0   # the decoder learns with latent noise up to this std (latents: unit
-                         # variance per token; the predictor's RMS error stays below ~0.7)
-MEASURED_STEPS = 16      # rollout steps whose latent error is measured (later steps reuse the last)
 
 
 def timestep_embedding(t, dim):
@@ -363,6 +342,50 @@ def timestep_embedding(t, dim):
     frequencies = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     angles = 1000 * t[:, None].float() * frequencies[None]
     return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+# -----------------------------------------------------------------------------
+# Predictor: conditioned tokens -> the tokens of the next model step
+
+
+class Predictor(nn.Module):
+    """The next step's tokens as base + a predicted change. Also a flow-matching denoiser: given
+    the next latent noised to level t and t, it predicts the clean latent, so that it can draw one
+    possible future, not only their average. Both inputs enter scaled by 1 - t: at t = 1 (pure
+    noise) it sees neither, and its answer is the conditional mean, the prediction the JEPA loss
+    trains, plans with and is measured by."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        grid, D = cfg.image_size // cfg.patch_size, cfg.width
+        self.register_buffer("positions", sincos_positions_2d(grid, D), persistent=False)
+        self.noisy_in = nn.Linear(D, D)
+        self.time_in = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.predictor_mlp_ratio)
+                                    for _ in range(cfg.predictor_depth))
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, D)
+        # Zero-initialised head: the untrained predictor says "nothing changes" (copy the
+        # latent), the baseline every result is compared with, and learns the change from there.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.grad_ckpt = cfg.grad_ckpt
+
+    def forward(self, conditioned, base, noisy=None, t=None):  # (B, N, D) x 3, t (B,)
+        x = conditioned + self.positions                       # (B, N, D)
+        if noisy is not None:
+            flow = self.noisy_in(noisy) + self.time_in(timestep_embedding(t, 256))[:, None]
+            x = x + per_example(1 - t, x) * flow
+        x = run_blocks(self.blocks, x, checkpoint=self.grad_ckpt)
+        return base + self.head(self.norm(x))                  # (B, N, D) base + predicted change
+
+
+# -----------------------------------------------------------------------------
+# Diffusion decoder: latent tokens -> pixels, for watching and scoring predictions only.
+
+MAX_LATENT_NOISE = 1.0   # the decoder learns with latent noise up to this std (latents: unit
+                         # variance per token; the predictor's RMS error stays below ~0.7)
+MEASURED_STEPS = 16      # rollout steps whose latent error is measured (later steps reuse the last)
 
 
 def modulate(x, shift, scale):
@@ -392,7 +415,9 @@ class Decoder(nn.Module):
     frame (the context: in a rollout, its start frame) and how noisy the latent is.
 
     As in every frame-generating world model (DIAMOND, GameNGen), the decoder draws from the last
-    real frame, and the latent says what changed. A predicted latent is the average of the futures
+    real frame, and the latent says what changed. It draws the change and adds it to the context,
+    so where nothing moved the context's pixels pass through exactly (through a token narrower
+    than its patch they could not: 128 < 8*8*3). A predicted latent is the average of the futures
     the predictor cannot tell apart, not a target latent; the decoder learns on target latents
     noised by a random amount it is told (RAE's noise-augmented decoding), and at sampling time it
     is told the predictor's measured error: it trusts a far prediction less and the context more.
@@ -416,15 +441,16 @@ class Decoder(nn.Module):
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(E, 2 * E))
         self.patch_out = nn.Linear(E, 3 * p * p)
         # A linear readout from latent token i straight to the pixels of patch i: the latents
-        # keep most of their patch linearly, so this skip draws the picture at once and the
-        # blocks learn the rest from the noisy input.
+        # keep most of their patch linearly, so this skip gives a first guess of the change and
+        # the blocks learn the rest from the noisy input and the context.
         self.readout = nn.Linear(cfg.width, 3 * p * p)
         self.grad_ckpt = cfg.grad_ckpt
         self.initialize_weights()
 
     def initialize_weights(self):
         """All special inits in one place (DiT): Xavier-uniform linears, zero biases, then zero
-        for every adaLN modulation and the output layer, so the decoder starts predicting 0."""
+        for every adaLN modulation and the output layers, so the decoder starts by drawing the
+        context frame: nothing changes."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -434,7 +460,7 @@ class Decoder(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.modulation[-1].weight)
             nn.init.zeros_(block.modulation[-1].bias)
-        for layer in (self.final_modulation[-1], self.patch_out):
+        for layer in (self.final_modulation[-1], self.patch_out, self.readout):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -457,17 +483,13 @@ class Decoder(nn.Module):
         x = run_blocks(self.blocks, x, c, checkpoint=self.grad_ckpt)   # (B, N, E)
         shift, scale = self.final_modulation(c).chunk(2, dim=1)
         x = self.patch_out(modulate(self.final_norm(x), shift, scale))  # (B, N, p*p*3)
-        return self.unpatchify(x + self.readout(latent))       # (B, 3, H, W) predicted clean image
+        return context + self.unpatchify(x + self.readout(latent))   # (B, 3, H, W) the clean image
 
     def draw(self, latent, context, latent_noise, euler_steps, generator=None):   # (B, 3, H, W)
-        """Euler steps with v = (x_t - x_0) / t from the predicted x_0; t is floored at MIN_T so
-        the division stays tame near the data end (JiT does the same). Pixels in [-1, 1]."""
-        def velocity(x, t):
-            clean = self(x, t, latent, context, latent_noise)
-            return (x - clean) / t.clamp_min(MIN_T)[:, None, None, None]
-
-        shape, device = context.shape, latent.device
-        return rectified_flow_sample(velocity, shape, euler_steps, generator, device).clamp(-1, 1)
+        """A picture of the latent, drawn from noise in euler_steps Euler steps, in [-1, 1]."""
+        draw = lambda x, t: self(x, t, latent, context, latent_noise)              # noqa: E731
+        pixels = rectified_flow_sample(draw, context.shape, euler_steps, generator, latent.device)
+        return pixels.clamp(-1, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -571,18 +593,26 @@ class WorldModel(nn.Module):
         with torch.no_grad():
             return self.encode(frames, self.target_encoder)
 
-    def predict_next(self, latent, actions, base=None):        # (B, N, D), (B, K, A), (B, N, D)
-        """One model step: the latent frame_skip frames later, as base + a predicted change.
-        The base is the latent itself unless given (the start frame's target latent)."""
+    def predict_next(self, latent, actions, base=None, euler_steps=0, generator=None):
+        """One model step, (B, N, D), (B, K, A) -> (B, N, D): the latent frame_skip frames later, as
+        base + a predicted change, where base is the latent itself unless given (the start frame's
+        target latent). The mean of the possible next latents, or with euler_steps > 0, one of
+        them, drawn from noise in that many Euler steps (the first one goes to the mean)."""
         conditioned = self.action_conditioner(latent, actions)
-        return self.predictor(conditioned, latent if base is None else base)
+        base = latent if base is None else base
+        if not euler_steps:
+            return self.predictor(conditioned, base)
+        denoise = lambda x, t: self.predictor(conditioned, base, x, t)     # noqa: E731
+        return rectified_flow_sample(denoise, latent.shape, euler_steps, generator, latent.device)
 
-    def rollout(self, latent, actions, base=None):             # (B, N, D), (B, R, K, A), (B, N, D)
+    def rollout(self, latent, actions, base=None, euler_steps=0, generator=None):
         """Open loop from the encoded start frame, each prediction fed back in. The first step's
-        "nothing changes" is the start frame's target latent, `base`. Returns (B, R, N, D)."""
+        "nothing changes" is the start frame's target latent, `base`. (B, N, D), (B, R, K, A) ->
+        (B, R, N, D): the means, or with euler_steps > 0, one possible future."""
         predictions = []
         for step in range(actions.shape[1]):
-            latent = self.predict_next(latent, actions[:, step], base if step == 0 else None)
+            latent = self.predict_next(latent, actions[:, step], base if step == 0 else None,
+                                       euler_steps, generator)
             predictions.append(latent)
         return torch.stack(predictions, dim=1)
 
@@ -604,7 +634,13 @@ class WorldModel(nn.Module):
         change = jepa_loss(targets[:, :1], targets[:, 1:]).mean(dim=(1, 2))   # (B,) nothing changes
         world_loss = (errors * window_weights(change)).mean()
         world_loss = world_loss + target_regularizer(targets, self.cfg)     # 0 for the EMA target
-        # Step 2b: the decoder learns to draw frame 1 from the context frame and its target latent,
+        # Step 2b: the predictor also learns to draw one possible next latent, by flow matching on
+        # all tokens at once: from the target noised to a level t < 1, told t, the clean target.
+        # From the detached start latent: only the mean's loss (t = 1) shapes the encoder.
+        conditioned = self.action_conditioner(start.detach(), actions[:, 0])
+        denoise = lambda x, t: self.predictor(conditioned, targets[:, 0], x, t)   # noqa: E731
+        flow_loss = rectified_flow_loss(denoise, targets[:, 1].detach()).mean()
+        # Step 2c: the decoder learns to draw frame 1 from the context frame and its target latent,
         # noised by a random amount it is told. Detached: no decoder gradient reaches the JEPA
         # (DINO-WM and LeWM plan worse when it does)
         noise = MAX_LATENT_NOISE * torch.rand(B, device=frames.device)                # (B,)
@@ -613,8 +649,9 @@ class WorldModel(nn.Module):
         image, context = (normalize_frames(x, self.cfg.image_size) for x in (frames[:, 1], context))
         draw = lambda x, t: self.decoder(x, t, latent, context, noise)       # noqa: E731
         decoder_loss = rectified_flow_loss(draw, image).mean()
-        parts = {"world_loss": world_loss.detach(), "decoder_loss": decoder_loss.detach()}
-        return world_loss + decoder_loss, parts
+        parts = {"world_loss": world_loss.detach(), "flow_loss": flow_loss.detach(),
+                 "decoder_loss": decoder_loss.detach()}
+        return world_loss + flow_loss + decoder_loss, parts
 
     @torch.no_grad()
     def update_target(self, momentum):
@@ -645,6 +682,40 @@ def learning_rate(step, cfg):
     progress = min((step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1), 1.0)
     cosine = 0.5 * (1 + math.cos(math.pi * progress))                       # 1 -> 0
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+# -----------------------------------------------------------------------------
+# Training: the loop (its data, helpers and plumbing come after it)
+
+
+def fit(cfg):
+    """Train (or resume) a world model as cfg says. Returns (model, the last evaluation's metrics).
+    The plumbing (processes, hardware, data, the log, evaluations, checkpoints, stopping) is in
+    Run, after the evaluation."""
+    run = Run(cfg)
+    model = WorldModel(cfg).to(run.device)      # the same seed in every process: the same weights
+    optimizer, scaler = make_optimizer(model, cfg, run.device.type, run.dtype)
+    trained, step = run.start(model, optimizer, scaler)     # resumed, compiled, wrapped, as asked
+    model.train()
+    with run.steps(step):                       # the progress bar; a stop request ends the step
+        while step < cfg.steps and not run.stopping:
+            run.begin_step(step)    # seeds its draws: resumed runs draw what unbroken ones would
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            # Steps 1 and 2 (in WorldModel.forward): targets, predictions, the loss; then backward
+            losses = accumulate_gradients(trained, run, scaler)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            numbers = run.share(step, **losses, grad_norm=grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            # Step 3: the target encoder follows the encoder
+            model.update_target(ema_momentum(step, cfg))
+            step += 1
+            run.end_step(step, model, optimizer, scaler, lr=lr, **numbers)   # log, evaluate, save
+    return run.finish(model, step)
 
 
 # -----------------------------------------------------------------------------
@@ -702,40 +773,6 @@ class WindowSampler:
         context = np.stack([episode["frames"][max(start + (1 - gap) * self.frame_skip, 0)]
                             for (episode, start), gap in zip(positions, gaps)])    # (B, H, W, 3)
         return frames, actions, torch.from_numpy(context)
-
-
-# -----------------------------------------------------------------------------
-# Training: the loop (its helpers come after the evaluation and the checkpoints)
-
-
-def fit(cfg):
-    """Train (or resume) a world model as cfg says. Returns (model, the last evaluation's metrics).
-    The plumbing (processes, hardware, data, the log, evaluations, checkpoints, stopping) is in
-    Run, after the evaluation."""
-    run = Run(cfg)
-    model = WorldModel(cfg).to(run.device)      # the same seed in every process: the same weights
-    optimizer, scaler = make_optimizer(model, cfg, run.device.type, run.dtype)
-    trained, step = run.start(model, optimizer, scaler)     # resumed, compiled, wrapped, as asked
-    model.train()
-    with run.steps(step):                       # the progress bar; a stop request ends the step
-        while step < cfg.steps and not run.stopping:
-            run.begin_step(step)    # seeds its draws: resumed runs draw what unbroken ones would
-            lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            # Steps 1 and 2 (in WorldModel.forward): targets, predictions, the loss; then backward
-            loss, world_loss = accumulate_gradients(trained, run, scaler)
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            numbers = run.share(step, loss=loss, world_loss=world_loss, grad_norm=grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            # Step 3: the target encoder follows the encoder
-            model.update_target(ema_momentum(step, cfg))
-            step += 1
-            run.end_step(step, model, optimizer, scaler, lr=lr, **numbers)   # log, evaluate, save
-    return run.finish(model, step)
 
 
 # -----------------------------------------------------------------------------
@@ -826,18 +863,27 @@ def draw_rollout(model, latents, start, predicted, euler_steps, generator=None, 
     return torch.cat(images).unflatten(0, (B, S))
 
 
+STILL_MSE = 1e-5          # a true frame this close to the start frame (50 dB) counts as unchanged
+FUTURES_DRAWN = 4         # of the sampled futures, how many the decoder draws (best of 4)
+
+
 @torch.no_grad()
-def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_steps=10, chunk=16):
+def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_steps=10, chunk=16, futures=0):
     """On fixed validation windows: val loss, pred/copy for h = 1..H, action sensitivity (error
     with actions shuffled across windows / with the true ones), target std (of each latent
     feature across the windows) and the effective rank of the start frames' target latents (one
-    row of N*D numbers per frame: a collapsed encoder gives every frame the same row, rank 1). The
-    decoder also draws the first psnr_windows windows' futures from the predicted and from the
-    target latents (reconstruction), and from the predictions with shuffled actions: PSNR (of the mean squared error over windows) and SSIM against the true
-    frames per horizon, next to those of repeating the start frame; the sharpness of the drawn
-    predictions relative to the true frames'; controllability, the PSNR with the true actions
-    minus that with shuffled ones (Genie's delta-t PSNR). A figure that cannot be computed (a
-    ratio over 0) is None."""
+    row of N*D numbers per frame: a collapsed encoder gives every frame the same row, rank 1).
+
+    The decoder also draws the first psnr_windows windows' futures from the predicted mean and from
+    the target latents (reconstruction), and from the mean under shuffled actions: PSNR (of the
+    mean squared error over windows) and SSIM against the true frames per horizon, next to those
+    of repeating the start frame; the sharpness of the drawn predictions relative to the true
+    frames'; controllability, the PSNR with the true actions minus that with shuffled ones
+    (Genie's delta-t PSNR); and the PSNR where the true view has not changed since the start.
+    With futures > 0, as many possible futures are sampled per window: how close the average of
+    K of them comes to the mean (latent MSE / the mean's error; about 1/K if they spread as the
+    truth does), and the first FUTURES_DRAWN are drawn: PSNR of one, of the best per frame, their
+    sharpness and controllability. A figure that cannot be computed (a ratio over 0) is None."""
     was_training = model.training
     model.eval()
     errors, sums = torch.zeros(3, actions.shape[1]), {}                     # predicted, copy, shuffled
@@ -850,40 +896,68 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
             latent = model.encode(f[:, :1])[:, 0]                           # (b, N, D)
             predicted = model.rollout(latent, a, targets[:, 0]).float()     # (b, H, N, D)
             shuffled = model.rollout(latent, a.roll(1, dims=0), targets[:, 0]).float()   # another window's actions
+            sampled = [model.rollout(latent, a, targets[:, 0], LATENT_EULER_STEPS, generator).float()
+                       for _ in range(futures)]                             # futures x (b, H, N, D)
         for row, guess in enumerate([predicted, targets[:, :1], shuffled]):  # targets[:, :1]: "nothing changes"
             errors[row] += jepa_loss(guess, targets[:, 1:]).mean(-1).sum(0).cpu()
+        for k in [k for k in (1, 4, 16) if k <= futures]:
+            average = torch.stack(sampled[:k]).mean(0)
+            add(sums, f"gap_{k}", jepa_loss(average, predicted).sum(), jepa_loss(predicted, targets[:, 1:]).sum())
         starts.append(targets[:, 0].flatten(1).cpu())                        # (b, N*D) one row per frame
         if i < psnr_windows:
             b = min(psnr_windows - i, len(f))
+            draw = lambda latents, is_prediction: draw_rollout(model, latents[:b], f[:b, 0], is_prediction,   # noqa: E731
+                                                               euler_steps, generator)
             with autocast:                                   # this order: the same noise each eval
-                drawn, rebuilt, other = (draw_rollout(model, latents[:b], f[:b, 0], is_prediction, euler_steps, generator)
-                                         for latents, is_prediction in ((predicted, True), (targets[:, 1:], False),
-                                                                        (shuffled, True)))
+                drawn, rebuilt, other = draw(predicted, True), draw(targets[:, 1:], False), draw(shuffled, True)
             truth = normalize_frames(f[:b, 1:], model.cfg.image_size)
             start = normalize_frames(f[:b, :1], model.cfg.image_size).expand_as(truth)
-            for key, value in (("mse_prediction", mean_squared_error(drawn, truth)),
-                               ("mse_reconstruction", mean_squared_error(rebuilt, truth)),
-                               ("mse_repeat_start", mean_squared_error(start, truth)),
-                               ("mse_shuffled", mean_squared_error(other, truth)),
-                               ("ssim_prediction", ssim(drawn, truth)), ("ssim_reconstruction", ssim(rebuilt, truth)),
-                               ("ssim_repeat_start", ssim(start, truth)),
-                               ("sharp_prediction", sharpness(drawn)), ("sharp_truth", sharpness(truth))):
-                sums[key] = sums.get(key, 0) + value.sum(0).cpu()
+            still = (mean_squared_error(start, truth) < STILL_MSE).cumprod(dim=1).float()   # (b, H) unchanged so far
+            mse = mean_squared_error(drawn, truth)
+            add(sums, "mse_prediction", mse.sum(0), len(mse))
+            add(sums, "mse_reconstruction", mean_squared_error(rebuilt, truth).sum(0), len(mse))
+            add(sums, "mse_repeat_start", mean_squared_error(start, truth).sum(0), len(mse))
+            add(sums, "mse_shuffled", mean_squared_error(other, truth).sum(0), len(mse))
+            add(sums, "mse_still", (mse * still).sum(0), still.sum(0))
+            for name, images in (("prediction", drawn), ("reconstruction", rebuilt), ("repeat_start", start)):
+                add(sums, f"ssim_{name}", ssim(images, truth).sum(0), len(mse))
+            add(sums, "sharpness", sharpness(drawn).sum(0), sharpness(truth).sum(0))
+            add(sums, "sharpness_still", (sharpness(drawn) * still).sum(0), (sharpness(truth) * still).sum(0))
+            if futures:
+                with autocast:
+                    pictures = [draw(latents, False) for latents in sampled[:FUTURES_DRAWN]]
+                    other = draw(model.rollout(latent, a.roll(1, dims=0), targets[:, 0], LATENT_EULER_STEPS,
+                                               generator).float(), False)
+                sample_mse = torch.stack([mean_squared_error(p, truth) for p in pictures])   # (K, b, H)
+                add(sums, "mse_sample", sample_mse[0].sum(0), len(mse))
+                add(sums, "mse_best_sample", sample_mse.min(dim=0).values.sum(0), len(mse))
+                add(sums, "mse_sample_shuffled", mean_squared_error(other, truth).sum(0), len(mse))
+                add(sums, "sharpness_sample", sharpness(pictures[0]).sum(0), sharpness(truth).sum(0))
     n, starts = len(frames), torch.cat(starts).double()                     # (n, N*D)
     metrics = {"val_loss": (errors[0, :model.cfg.rollout].sum() / n / model.cfg.rollout).item(),
                "pred_copy": ratio(errors[0], errors[1]), "action_sensitivity": ratio(errors[2].sum(), errors[0].sum())[0],
                "target_std": starts.std(dim=0).mean().item() if n > 1 else None,   # per (token, feature)
                "effective_rank": effective_rank(starts @ starts.T)}
-    if sums:
-        drawn_windows = min(psnr_windows, n)
-        for name in ("prediction", "reconstruction", "repeat_start"):
-            metrics[f"psnr_{name}"] = psnr(sums[f"mse_{name}"] / drawn_windows).tolist()
-            metrics[f"ssim_{name}"] = (sums[f"ssim_{name}"] / drawn_windows).tolist()
-        metrics["controllability"] = (psnr(sums["mse_prediction"] / drawn_windows)
-                                      - psnr(sums["mse_shuffled"] / drawn_windows)).tolist()
-        metrics["sharpness"] = ratio(sums["sharp_prediction"], sums["sharp_truth"])
+    means = {key: ratio(*value) for key, value in sums.items()}             # each a list per horizon
+    for key in [k for k in means if k.startswith("mse_")]:
+        metrics["psnr_" + key[4:]] = [None if m is None else psnr(m).item() for m in means[key]]
+    metrics.update({k: v for k, v in means.items() if k.startswith(("ssim_", "sharpness"))})
+    metrics.update({k: v[0] for k, v in means.items() if k.startswith("gap_")})
+    if "mse_still" in sums:
+        metrics["still_windows"] = sums["mse_still"][1].tolist()
+        metrics["controllability"] = [p - q for p, q in zip(metrics["psnr_prediction"], metrics["psnr_shuffled"])]
+    if "mse_sample" in sums:
+        metrics["controllability_sample"] = [p - q for p, q in zip(metrics["psnr_sample"], metrics["psnr_sample_shuffled"])]
     model.train(was_training)
     return metrics
+
+
+def add(sums, key, numerator, denominator):
+    """Accumulate a ratio's numerator and denominator (tensors or numbers) under key."""
+    numerator, denominator = torch.broadcast_tensors(torch.as_tensor(numerator).double().cpu(),
+                                                     torch.as_tensor(denominator).double().cpu())
+    old = sums.get(key, (0, 0))
+    sums[key] = (old[0] + numerator, old[1] + denominator)
 
 
 def show(value, digits):
@@ -904,7 +978,9 @@ def format_eval(step, metrics):
                  f"\n  SSIM h=1..: prediction {row('ssim_prediction', 2)} | repeat start {row('ssim_repeat_start', 2)}"
                  f" | reconstruction {row('ssim_reconstruction', 2)}"
                  f"\n  sharpness (1 = as sharp as the truth) h=1..: {row('sharpness', 2)} | controllability dB "
-                 f"h=1..: {row('controllability', 1)}")
+                 f"h=1..: {row('controllability', 1)}"
+                 f"\n  where the view has not changed: PSNR dB h=1..: {row('psnr_still', 1)} (windows "
+                 f"{row('still_windows', 0)})")
     return text
 
 
@@ -1042,10 +1118,9 @@ class Run:
         evaluation (drawing frames at the last step only) and the checkpoint."""
         cfg, evaluating = self.cfg, step % self.cfg.eval_every == 0 or step == self.cfg.steps
         self.speeds.append(self.world_size * cfg.batch_size * cfg.grad_accum / (time.perf_counter() - self.started))
-        decoder_loss = numbers["loss"] - numbers["world_loss"]
         self.bar.update(1)
-        self.bar.set_postfix(world=f"{numbers['world_loss']:.4f}", decoder=f"{decoder_loss:.4f}")
-        record = {"step": step, **numbers, "decoder_loss": decoder_loss, "samples_per_s": self.speeds[-1]}
+        self.bar.set_postfix({part: f"{numbers[part + '_loss']:.4f}" for part in ("world", "flow", "decoder")})
+        record = {"step": step, **numbers, "samples_per_s": self.speeds[-1]}
         if evaluating:                                     # in every process: saved with the weights
             measure_latent_error(model, *self.error_windows, self.device, self.autocast)
         if self.rank == 0 and evaluating:
@@ -1122,11 +1197,14 @@ def check_config(cfg):
 
 
 def check_device(device):
-    """auto, cpu, cuda or cuda:N, and a CUDA device only where the machine has it."""
-    if device not in ("auto", "cpu"):
+    """auto, cpu, cuda, cuda:N or mps, and a GPU only where the machine has it. auto never picks
+    mps: nobody has measured this project on an Apple GPU yet."""
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: this PyTorch sees no Apple-silicon GPU (MPS); use --device cpu")
+    if device not in ("auto", "cpu", "mps"):
         index, count = device.removeprefix("cuda").removeprefix(":"), torch.cuda.device_count()
         if not device.startswith("cuda") or not (index == "" or index.isdigit()):
-            raise ValueError(f"--device {device}: choose auto, cpu, cuda or cuda:N")
+            raise ValueError(f"--device {device}: choose auto, cpu, cuda, cuda:N or mps")
         if int(index or 0) >= count:
             raise ValueError(f"--device {device}: this machine has {count} CUDA GPUs; use --device cpu")
 
@@ -1145,6 +1223,8 @@ def choose_hardware(cfg, local_rank=0, say=print):
     if cfg.dtype == "auto":
         if device.type == "cuda":
             facts = {"gpu_capability": torch.cuda.get_device_capability(device)}
+        elif device.type == "mps":
+            facts = {"mps_bf16": torch.backends.mps.is_macos_or_newer(14, 0)}
         else:       # private checks in torch.cpu; a build without them counts as "no bf16"
             probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
             facts = {"cpu_bf16": any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)}
@@ -1153,12 +1233,15 @@ def choose_hardware(cfg, local_rank=0, say=print):
     return device, getattr(torch, cfg.dtype)
 
 
-def autocast_dtype(gpu_capability=None, cpu_bf16=False):
+def autocast_dtype(gpu_capability=None, cpu_bf16=False, mps_bf16=None):
     """(dtype name, reason) from the hardware's facts. A GPU of compute capability 8.0 or later
     (Ampere: the RTX 3060 is 8.6, the A100 8.0) computes bf16 natively; older ones (the T4 is
     7.5, the V100 7.0) get fp16 with a gradient scaler, since their bf16 is emulated and slow (and
     torch.cuda.is_bf16_supported() counts emulation as support). A CPU gets bf16 only with bf16
-    matmul instructions (AVX512-BF16 or AMX); emulated bf16 is slower than float32 there."""
+    matmul instructions (AVX512-BF16 or AMX); emulated bf16 is slower than float32 there. An Apple
+    GPU (MPS) has bf16 from macOS 14 on; before, float32 (fp16 would need a gradient scaler)."""
+    if mps_bf16 is not None:
+        return ("bfloat16", "MPS on macOS 14 or later: bf16") if mps_bf16 else ("float32", "MPS before macOS 14: no bf16")
     if gpu_capability is not None:
         native = tuple(gpu_capability) >= (8, 0)
         return ("bfloat16" if native else "float16"), (f"GPU compute capability {gpu_capability[0]}.{gpu_capability[1]}: "
@@ -1288,24 +1371,24 @@ def make_optimizer(model, cfg, device_type, dtype):
 
 def accumulate_gradients(trained, run, scaler):
     """Forward and backward over grad_accum micro-batches of fresh windows; returns the mean loss
-    and world-model loss as device tensors, without waiting for the device. (DDP averages the
-    gradients across processes on the last micro-batch only.)"""
-    loss = world_loss = 0.0
-    accum = run.cfg.grad_accum
+    and its parts as device tensors, without waiting for the device. (DDP averages the gradients
+    across processes on the last micro-batch only.)"""
+    losses, accum = {}, run.cfg.grad_accum
     for micro in range(accum):
         batch = [to_device(x, run.device) for x in run.sampler.sample(run.cfg.batch_size)]   # frames, actions, context
         with trained.no_sync() if run.world_size > 1 and micro < accum - 1 else contextlib.nullcontext():
             with run.autocast:
                 micro_loss, info = trained(*batch)
             scaler.scale(micro_loss / accum).backward()
-        loss, world_loss = loss + micro_loss.detach() / accum, world_loss + info["world_loss"] / accum
-    return loss, world_loss
+        for name, value in {"loss": micro_loss.detach(), **info}.items():
+            losses[name] = losses.get(name, 0.0) + value / accum
+    return losses
 
 
 def to_device(x, device):
     """A CPU tensor on the device. To a GPU through pinned memory and without blocking: the copy
     overlaps the work queued before it, and the host does not wait for it."""
-    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
 def start_processes():

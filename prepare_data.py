@@ -564,6 +564,7 @@ JUMP_VELOCITY, GRAVITY, AIR_DRAG = 0.42, 0.08, 0.98   # Minecraft's per-tick phy
 GRASS, DIRT, STONE, SAND, WATER, LOG, LEAVES, SNOW = range(8)
 BLOCK_RGB = np.array([[95, 159, 53], [134, 96, 67], [125, 125, 125], [219, 207, 163],
                       [52, 88, 210], [102, 81, 51], [58, 120, 38], [240, 245, 250]], np.float32) / 255
+TEXELS = 8                # texels per block edge (Minecraft: 16)
 TOP_BOTTOM_SHADE = np.array([1.0, 0.5], np.float32)   # Minecraft's light on top and bottom faces
 HOTBAR_ITEM_RGB = [(200, 60, 60), (60, 160, 60), (70, 90, 200), (220, 200, 60), (160, 80, 200),
                    (60, 190, 190), (230, 130, 40), (240, 240, 240), (110, 70, 40)]
@@ -811,10 +812,10 @@ class World:
         point = eye + hit["distance"][:, None] * directions
         kind[(kind == GRASS) & (face >= 2) & (point[:, 1] - y < 0.75)] = DIRT   # grass: a green fringe
         kind[hit["leaf"]] = LEAVES
-        # 4x4 texels per face, each with its own brightness (Minecraft's 16x16 textures, coarser)
+        # 8x8 texels per face, each with its own brightness (Minecraft's 16x16 textures, coarser)
         u = np.where(face >= 2, np.where(face == 2, point[:, 2], point[:, 0]), point[:, 0])
         v = np.where(face >= 2, point[:, 1], point[:, 2])
-        grain = hash_noise(x, y, z, np.floor(u * 4), np.floor(v * 4))
+        grain = hash_noise(x, y, z, np.floor(u * TEXELS), np.floor(v * TEXELS))
         # A side face is lit by where its normal points (brightest towards the sun, a little
         # brighter 90 degrees to its left): the four sides differ, so the terrain shows the
         # compass direction. Top and bottom faces are lit as in Minecraft.
@@ -822,7 +823,7 @@ class World:
                                     np.where(face == 3, -np.sign(directions[:, 2]), 0.0))
         side = 0.8 + 0.15 * np.cos(normal_azimuth - SUN_AZIMUTH) + 0.07 * np.sin(normal_azimuth - SUN_AZIMUTH)
         shade = np.where(face >= 2, side, TOP_BOTTOM_SHADE[np.minimum(face, 1)]).astype(np.float32)
-        return BLOCK_RGB[kind] * (shade * (0.82 + 0.3 * grain))[:, None]
+        return BLOCK_RGB[kind] * (shade * (0.7 + 0.5 * grain))[:, None]
 
     def frame(self):
         """Render what the player sees: a 640x360 BGR uint8 image with the game's HUD."""
@@ -862,6 +863,9 @@ class World:
 # The scripted player: human-like bursts of walking, smooth turns, looking around, idling,
 # jumping when blocked, digging, hotbar changes. Randomised per episode, deterministic per seed.
 
+PAUSES = 0.15    # the share of new moves that are pauses: standing still, looking around, mining
+
+
 class ScriptedPlayer:
     def __init__(self, seed):
         self.rng = r = np.random.default_rng(seed)
@@ -873,8 +877,11 @@ class ScriptedPlayer:
         self.attack_ticks, self.use_ticks = 0, 0
         self.last_pos, self.blocked, self.tick = None, 0, 0
 
-    def new_move(self):
+    def new_move(self, world):
         r = self.rng
+        if r.random() < PAUSES:
+            self.pause(world)
+            return
         kind = r.choice(["walk", "strafe", "back", "idle"], p=[self.restless, 0.15, 0.05, 0.8 - self.restless])
         keys = {"walk": {"w"}, "strafe": {r.choice(["a", "d"])}, "back": {"s"}, "idle": set()}[kind]
         if kind == "walk" and r.random() < self.sprinter:
@@ -885,10 +892,29 @@ class ScriptedPlayer:
             keys.add(r.choice(["a", "d"]))
         self.move_keys, self.moves = keys, int(r.integers(5, 60 if kind == "walk" else 25))
 
-    def new_look(self, world):
+    def pause(self, world):
+        """Stand in one place, as players often do: perfectly still (hands off), looking around,
+        or mining the block ahead; 1-5 s."""
+        r = self.rng
+        self.move_keys, self.moves = set(), int(r.integers(20, 100))
+        kind = r.choice(["still", "look around", "mine"], p=[0.5, 0.3, 0.2])
+        if kind == "still":
+            self.look = [(0, 0)] * self.moves
+        elif kind == "look around":
+            gestures = []
+            while len(gestures) < self.moves:
+                self.new_look(world, "turn")
+                gestures += self.look
+            self.look = gestures[:self.moves]
+        else:
+            self.new_look(world, "dig")
+            self.look += [(0, 0)] * (self.moves - len(self.look))
+            self.attack_ticks = self.moves
+
+    def new_look(self, world, kind=None):
         """Queue a smooth mouse gesture: a turn, a glance up or down, a dig, or a pause."""
         r = self.rng
-        kind = r.choice(["turn", "glance", "still", "dig"], p=[0.5, 0.2, 0.22, 0.08])
+        kind = kind or r.choice(["turn", "glance", "still", "dig"], p=[0.5, 0.2, 0.22, 0.08])
         ticks, yaw_turn, target_pitch = int(r.integers(6, 36)), 0.0, world.pitch
         if kind == "turn":
             yaw_turn = r.choice([-1, 1]) * r.uniform(15, 150) * self.turn_speed
@@ -912,7 +938,7 @@ class ScriptedPlayer:
     def act(self, world):
         r = self.rng
         if self.moves <= 0:
-            self.new_move()
+            self.new_move(world)
         if not self.look:
             self.new_look(world)
         self.moves -= 1

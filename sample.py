@@ -3,14 +3,17 @@ sample.py: watch the world model imagine, and put its latents to work.
 
     python sample.py                                     # rollout GIFs + a metric table (validation episodes)
     python sample.py --actions turn_left,walk_forward    # "what if": the same start under scripted actions
+    python sample.py --futures 4                         # four possible futures of each start, side by side
     python sample.py --video EP.mp4                      # a raw VPT episode (EP.jsonl beside it)
     python sample.py --probe       # linear probes: yaw, pitch, position from pooled latents vs a random encoder
     python sample.py --surprise    # prediction error along episodes with a teleport in the middle
     python sample.py --plan        # reach goal images in the built-in world by CEM planning vs a random policy
 
 A rollout runs open loop for --horizon model steps from one real frame. Its GIF shows, side by
-side, the true future, the decoded prediction and the decoded target latent (reconstruction),
-with the actions of each step under every panel.
+side, the true future, one possible future the model imagines (sampled), the mean of the futures
+it cannot tell apart (what it plans with), and the decoded target latent (reconstruction), with
+the actions of each step under every panel. --futures K draws K possible futures of the same
+start and inputs, and a map of where they differ.
 """
 import argparse
 import copy
@@ -90,32 +93,61 @@ def compose_gif(path, panels, labels, panel_actions, frame_skip, scale):
             os.remove(tmp)
 
 
+FUTURES_SAMPLED = 16      # possible futures sampled per window for the table (the first 4 drawn)
+
+
+def print_table(title, columns, rows):
+    """columns: (heading, key, digits); rows: dicts with those keys."""
+    print(title)
+    print(" | ".join(heading for heading, _, _ in columns))
+    for row in rows:
+        print(" | ".join(f"{iwm.show(row[key], digits):>{len(heading)}s}" for heading, key, digits in columns))
+
+
+def print_metrics(metrics, horizon):
+    """The rollout tables: the mean's rows, the sampled futures' rows, and where nothing changed."""
+    rows = [{"h": h + 1, **{k: v[h] for k, v in metrics.items() if isinstance(v, list) and len(v) == horizon}}
+            for h in range(horizon)]
+    print_table("The mean prediction. PSNR (dB, of the mean squared error over the windows) and SSIM against the true\n"
+                "frame, of the prediction / repeating the start frame / the decoded true latent; sharpness: the prediction's\n"
+                "Laplacian variance / the truth's; controllability: PSNR with the true actions - with another window's (dB)",
+                [(" h", "h", 0), ("pred/copy", "pred_copy", 3), ("PSNR mean", "psnr_prediction", 2),
+                 ("repeat", "psnr_repeat_start", 2), ("recon", "psnr_reconstruction", 2), ("SSIM mean", "ssim_prediction", 3),
+                 ("repeat", "ssim_repeat_start", 3), ("recon", "ssim_reconstruction", 3), ("sharpness", "sharpness", 2),
+                 ("controllability", "controllability", 2)], rows)
+    if "psnr_sample" in metrics:
+        print_table(f"Sampled futures ({iwm.LATENT_EULER_STEPS} Euler steps each): PSNR of one, and of the best of "
+                    f"{iwm.FUTURES_DRAWN} per frame; sharpness and controllability of one",
+                    [(" h", "h", 0), ("PSNR sample", "psnr_sample", 2), ("best of 4", "psnr_best_sample", 2),
+                     ("sharpness", "sharpness_sample", 2), ("controllability", "controllability_sample", 2)], rows)
+        print("the average of K sampled futures against the mean (latent MSE / the mean's error; 1/K if they spread as "
+              "the truth does): " + ", ".join(f"K = {k}: {iwm.show(metrics.get(f'gap_{k}'), 3)}" for k in (1, 4, 16)))
+    print_table("Where the true view has not changed since the start frame (n/a: no such window)",
+                [(" h", "h", 0), ("windows", "still_windows", 0), ("PSNR mean", "psnr_still", 2),
+                 ("sharpness", "sharpness_still", 2)], rows)
+    print(f"action sensitivity {iwm.show(metrics['action_sensitivity'], 2)}, target std {iwm.show(metrics['target_std'], 3)}")
+    return rows
+
+
+def spread_map(pictures):
+    """(K, S, 3, H, W) in [-1, 1] -> (S, H, W, 3) uint8: how much K drawn futures differ at each
+    pixel (the std over them, mean over colours), bright where they disagree."""
+    spread = pictures.float().std(dim=0).mean(dim=1)                            # (S, H, W)
+    grey = (spread / 0.5).clamp(0, 1).mul(255).byte().cpu().numpy()            # std 0.5: white
+    return np.stack([cv2.applyColorMap(g, cv2.COLORMAP_INFERNO)[:, :, ::-1] for g in grey])
+
+
 def run_rollouts(model, cfg, episodes, args, out):
-    """The metric table on args.windows windows, then args.n GIFs: true future | prediction |
-    reconstruction, or with --actions the prediction under each script from the same start."""
+    """The metric tables on args.windows windows, then args.n GIFs: true future | a sampled future |
+    the mean | reconstruction; with --actions the mean under each script from the same start; with
+    --futures K, K sampled futures side by side and how much they differ."""
     sampler = iwm.WindowSampler(episodes, args.horizon, cfg, "--horizon")
     print(f"{len(sampler.episodes)} episodes; {args.horizon} steps of {cfg.frame_skip} frames; "
           f"{args.euler_steps} Euler steps per drawn frame")
     frames, actions, _ = sampler.sample(args.windows, torch.Generator().manual_seed(args.seed))
     metrics = iwm.evaluate(model, frames, actions, args.device, iwm.autocast_to(args.device.type, getattr(torch, cfg.dtype)),
-                           psnr_windows=args.windows, euler_steps=args.euler_steps)
-    columns = ["pred_copy", "psnr_prediction", "psnr_repeat_start", "psnr_reconstruction", "ssim_prediction",
-               "ssim_repeat_start", "ssim_reconstruction", "sharpness", "controllability"]
-    table = [{"h": h + 1, **{c: metrics[c][h] for c in columns}} for h in range(args.horizon)]
-    print("PSNR (dB, of the mean squared error over the windows) and SSIM against the true frame, of the prediction /\n"
-          "repeating the start frame / the decoded true latent; sharpness: the prediction's Laplacian variance / the\n"
-          "truth's; controllability: PSNR with the true actions - with another window's (dB); n/a: cannot be computed\n"
-          " h | pred/copy |  PSNR pred / repeat / recon |  SSIM pred / repeat / recon | sharpness | controllability")
-    widths = dict(pred_copy=(9, 3), psnr_prediction=(10, 2), psnr_repeat_start=(6, 2), psnr_reconstruction=(5, 2),
-                  ssim_prediction=(10, 3), ssim_repeat_start=(6, 3), ssim_reconstruction=(5, 3), sharpness=(9, 2),
-                  controllability=(15, 2))
-    for row in table:
-        cell = {key: f"{iwm.show(row[key], digits):>{width}s}" for key, (width, digits) in widths.items()}
-        print(f"{row['h']:2d} | {cell['pred_copy']} | {cell['psnr_prediction']} / {cell['psnr_repeat_start']} / "
-              f"{cell['psnr_reconstruction']} | {cell['ssim_prediction']} / {cell['ssim_repeat_start']} / "
-              f"{cell['ssim_reconstruction']} | {cell['sharpness']} | {cell['controllability']}")
-    print(f"action sensitivity {iwm.show(metrics['action_sensitivity'], 2)}, "
-          f"target std {iwm.show(metrics['target_std'], 3)}")
+                           psnr_windows=args.windows, euler_steps=args.euler_steps, futures=FUTURES_SAMPLED)
+    table = print_metrics(metrics, args.horizon)
     for i, (episode, start) in enumerate(tqdm(sampler.sample_positions(args.n, torch.Generator().manual_seed(args.seed + 1)),
                                               desc="rollout GIFs", unit="gif")):
         frames, recorded = (torch.from_numpy(x)[None].to(args.device) for x in sampler.window_at(episode, start))
@@ -123,27 +155,39 @@ def run_rollouts(model, cfg, episodes, args, out):
         truth = to_pixels(iwm.normalize_frames(frames[0], cfg.image_size))
         panels, labels, rows = [truth], ["true future"], [np.array(episode["actions"][start:start + n_rows])]
         history = torch.from_numpy(iwm.action_window(episode["actions"], start, cfg.action_window)).to(args.device)
+        generator = torch.Generator(args.device).manual_seed(args.seed)
         with torch.no_grad():
             start_latent, targets = model.encode(frames[:, :1])[:, 0], model.encode_target(frames)[0]   # (1, N, D), (S, N, D)
-            runs = [("predicted", model.rollout(start_latent, recorded, targets[:1])[0], rows[0], True)]
-            if not args.actions:
-                runs.append(("reconstruction", targets[1:], rows[0], False))
+            sample = lambda: model.rollout(start_latent, recorded, targets[:1], iwm.LATENT_EULER_STEPS, generator)[0]  # noqa: E731
+            mean = ("mean", model.rollout(start_latent, recorded, targets[:1])[0], rows[0], True)
+            if args.futures:
+                runs = [(f"future {k + 1}", sample(), rows[0], False) for k in range(args.futures)]
+            elif args.actions:
+                runs = [mean]
+            else:
+                runs = [("sampled", sample(), rows[0], False), mean, ("reconstruction", targets[1:], rows[0], False)]
             for script in args.actions:   # the recorded rows before the start, the script from the start on
                 script_rows = np.zeros((n_rows, len(ACTION_COLUMNS)), np.float32)
                 for column, value in SCRIPTS[script].items():
                     script_rows[:, COLUMN[column]] = value
                 latents = imagine(model, (start_latent[0], targets[0]), history, torch.from_numpy(script_rows)[None])[0]
                 runs.append((script, latents, script_rows, True))
-            for label, latents, action_rows, predicted in runs:
-                drawn = iwm.draw_rollout(model, latents[None], frames[:, 0], predicted, args.euler_steps,
-                                         torch.Generator(args.device).manual_seed(args.seed))[0]
-                panels.append(np.concatenate([truth[:1], to_pixels(drawn)]))
-                labels.append(label)
-                rows.append(action_rows)
-        compose_gif(os.path.join(out, f"rollout_{i}" + "".join(f"_{s}" for s in args.actions) + ".gif"), panels, labels,
+            drawn = [iwm.draw_rollout(model, latents[None], frames[:, 0], predicted, args.euler_steps, generator)[0]
+                     for _, latents, _, predicted in runs]
+        for (label, _, action_rows, _), pictures in zip(runs, drawn):
+            panels.append(np.concatenate([truth[:1], to_pixels(pictures)]))
+            labels.append(label)
+            rows.append(action_rows)
+        if args.futures:
+            panels.append(np.concatenate([np.zeros_like(truth[:1]), spread_map(torch.stack(drawn))]))
+            labels.append("how they differ")
+            rows.append(rows[0])
+        name = "futures" if args.futures else "rollout"
+        compose_gif(os.path.join(out, f"{name}_{i}" + "".join(f"_{s}" for s in args.actions) + ".gif"), panels, labels,
                     rows, cfg.frame_skip, args.scale)
+    keys = [k for k in metrics if k.startswith(("action_sensitivity", "target_std", "gap_"))]
     return "metrics", {"windows": args.windows, "euler_steps": args.euler_steps, "per_horizon": table,
-                       **{k: metrics[k] for k in ("action_sensitivity", "target_std")}}
+                       **{k: metrics[k] for k in keys}}
 
 
 # -----------------------------------------------------------------------------
@@ -542,7 +586,8 @@ def run_planning(model, cfg, args, out):
 
 
 # The flags each mode reads beyond --ckpt, --out and --device: any other is refused, not ignored
-MODE_FLAGS = {"rollouts": {"data", "video", "horizon", "n", "windows", "euler_steps", "actions", "scale", "seed"},
+MODE_FLAGS = {"rollouts": {"data", "video", "horizon", "n", "windows", "euler_steps", "actions", "futures", "scale",
+                          "seed"},
               "probe": {"data", "probe_every", "probe_l2", "seed"},
               "surprise": {"trials"},
               "plan": {"trials", "goal_seed", "plan_iterations", "n", "euler_steps", "scale", "seed"}}
@@ -560,10 +605,12 @@ def parse_args(argv):
     parser.add_argument("--windows", type=at_least(1), default=64, help="validation windows for the metric table")
     parser.add_argument("--euler_steps", type=at_least(1), help="decoder Euler steps per frame (default: the checkpoint's)")
     parser.add_argument("--actions", help=f"comma-separated scripts to compare: {', '.join(SCRIPTS)}")
+    parser.add_argument("--futures", type=at_least(0), default=0,
+                        help="GIFs of this many possible futures of the same start and inputs, side by side")
     parser.add_argument("--scale", type=at_least(1), default=3, help="pixel upscaling in the GIFs")
     parser.add_argument("--seed", type=at_least(0, below=prepare_data.SEEDS), default=0,
                         help="which windows, and the decoder's noise")
-    parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    parser.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | mps | auto")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--probe", action="store_true", help="linear probes of yaw, pitch, position vs a random encoder")
     mode.add_argument("--surprise", action="store_true", help="prediction error around a teleport (built-in world)")
@@ -581,6 +628,8 @@ def parse_args(argv):
     for flag in sorted(given - MODE_FLAGS[chosen] - {"ckpt", "out", "device", chosen}):
         parser.error(f"argument --{flag}: not used by " + (f"--{chosen}" if chosen != "rollouts" else
                                                             "the rollouts (give --probe, --surprise or --plan)"))
+    if args.futures and args.actions:
+        parser.error("argument --futures: not used with --actions (give one or the other)")
     if args.video and args.data:
         parser.error("argument --data: not used with --video (the video is the data)")
     if args.video and not prepare_data.jsonl_beside(args.video):

@@ -225,6 +225,20 @@ def test_builtin_episodes_are_written_like_vpt_and_convert_with_state(builtin_ra
     np.testing.assert_allclose(yaw[1:], yaw[:-1] + turn[:-1], atol=1e-3)
 
 
+def test_the_scripted_player_also_stands_still_and_mines_in_place_as_players_do():
+    longest = {"still": 0, "mining": 0}
+    for seed in range(6):                                    # several temperaments
+        world, player, run = pd.World(seed), pd.ScriptedPlayer(seed), {"still": 0, "mining": 0}
+        for _ in range(1200):
+            inp = player.act(world)
+            world.step(inp)
+            in_place = not inp.keys and not inp.dx and not inp.dy
+            run = {"still": run["still"] + 1 if in_place and not inp.buttons else 0,
+                   "mining": run["mining"] + 1 if in_place and inp.buttons == {0} else 0}
+            longest = {k: max(longest[k], run[k]) for k in run}
+    assert longest["still"] >= 40 and longest["mining"] >= 20, longest    # 2 s hands off; 1 s of digging
+
+
 def test_world_physics_walk_turn_and_gravity():
     world = pd.World(3)
     yaw = world.yaw
@@ -643,14 +657,72 @@ def test_decoder_draws_each_latent_token_into_its_own_patch():
     assert torch.equal(decoder.patchify(images)[0, 5].reshape(8, 8, 3).permute(2, 0, 1), images[0, :, 8:16, 8:16])
 
 
-def test_noising_and_sampler_are_consistent_the_exact_velocity_recovers_the_target():
+def test_noising_and_sampler_are_consistent_a_perfect_denoiser_recovers_the_target():
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1
     noise, t = torch.randn_like(x0), 0.7
     x_t = (1 - t) * x0 + t * noise                       # the noising process
     torch.testing.assert_close(x_t - t * (noise - x0), x0)   # one Euler step of size t along v
-    exact = lambda x, t: (x - x0) / t[:, None, None, None]   # the true field towards x0
-    for steps in (1, 4, 25):
-        torch.testing.assert_close(iwm.rectified_flow_sample(exact, x0.shape, steps), x0, atol=1e-5, rtol=1e-5)
+    for x0 in (x0, torch.randn(4, 16, 32)):              # pictures, and latent tokens
+        perfect = lambda x, t: x0                                             # noqa: E731
+        for steps in (1, 4, 10):
+            torch.testing.assert_close(iwm.rectified_flow_sample(perfect, x0.shape, steps), x0, atol=1e-5, rtol=1e-5)
+        assert torch.equal(iwm.rectified_flow_loss(perfect, x0), torch.zeros(4))
+        assert (iwm.rectified_flow_loss(lambda x, t: x0 + 0.1, x0) > 0).all()
+
+
+def test_the_predictors_answer_at_t_1_is_the_mean_and_below_it_reads_the_noisy_latent():
+    torch.manual_seed(0)
+    model = iwm.WorldModel(small_config())
+    randomize_head(model)
+    latent, actions = torch.randn(3, 16, 32), torch.randn(3, 25, A)
+    mean = model.predict_next(latent, actions)
+    conditioned = model.action_conditioner(latent, actions)
+    for noisy in (torch.randn_like(latent), torch.zeros_like(latent)):       # whatever the noise
+        torch.testing.assert_close(model.predictor(conditioned, latent, noisy, torch.ones(3)), mean)
+    assert not torch.allclose(model.predictor(conditioned, latent, noisy, torch.full((3,), 0.5)), mean)
+    seeded = lambda: torch.Generator().manual_seed(1)                       # noqa: E731
+    one = model.predict_next(latent, actions, euler_steps=4, generator=seeded())
+    assert torch.equal(one, model.predict_next(latent, actions, euler_steps=4, generator=seeded()))
+    assert not torch.allclose(one, mean) and not torch.allclose(one, model.predict_next(latent, actions, euler_steps=4))
+    torch.testing.assert_close(model.predict_next(latent, actions, euler_steps=1, generator=seeded()), mean)
+    assert model.rollout(latent, torch.randn(3, 5, 25, A), euler_steps=2).shape == (3, 5, 16, 32)
+
+
+def test_only_the_mean_shapes_the_encoder_the_flow_trains_the_predictor(monkeypatch):
+    torch.manual_seed(0)
+    model = iwm.WorldModel(small_config())
+    randomize_head(model)
+    monkeypatch.setattr(iwm, "jepa_loss", lambda p, t: (p - t).pow(2).mean(-1) * 0.0)   # the mean's loss off
+    model.decoder.requires_grad_(False)
+    frames = torch.randint(0, 256, (2, 3, 32, 32, 3), dtype=torch.uint8)
+    loss, parts = model(frames, torch.rand(2, 2, 25, A), frames[:, 0])
+    (parts["flow_loss"] * 0 + loss).backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.encoder.parameters())
+    assert model.predictor.noisy_in.weight.grad.any() and model.predictor.head.weight.grad.any()
+
+
+def test_the_untrained_decoder_draws_the_context_frame_exactly():
+    decoder = iwm.Decoder(small_config())
+    context = torch.rand(2, 3, 32, 32) * 2 - 1
+    drawn = decoder.draw(torch.randn(2, 16, 32), context, torch.zeros(2), 4)
+    torch.testing.assert_close(drawn, context, atol=1e-5, rtol=0)            # nothing changes: pixels pass through
+
+
+def test_evaluate_scores_sampled_futures_and_the_windows_where_nothing_changed():
+    torch.manual_seed(0)
+    cfg = small_config()
+    model = iwm.WorldModel(cfg)
+    randomize_head(model)
+    randomize_zero_inits(model.decoder)
+    frames = torch.randint(0, 256, (4, 5, 32, 32, 3), dtype=torch.uint8)
+    frames[:2, 1:3] = frames[:2, :1]                                         # two windows still for 2 steps
+    metrics = iwm.evaluate(model, frames, torch.randn(4, 4, cfg.action_window, A), torch.device("cpu"),
+                           iwm.autocast_to("cpu", torch.float32), psnr_windows=4, euler_steps=2, futures=16)
+    assert metrics["still_windows"] == [2, 2, 0, 0] and metrics["psnr_still"][2:] == [None, None]
+    assert all(math.isfinite(v) for v in metrics["psnr_still"][:2] + metrics["controllability_sample"])
+    assert all(best >= one for best, one in zip(metrics["psnr_best_sample"], metrics["psnr_sample"]))
+    assert metrics["gap_16"] < metrics["gap_4"] < metrics["gap_1"]        # averages of more come closer to the mean
+    assert "where the view has not changed: PSNR dB h=1..:" in iwm.format_eval(1, metrics)
 
 
 def test_sampler_is_deterministic_with_a_seed():
@@ -705,6 +777,8 @@ def test_no_decoder_gradient_reaches_the_world_model(monkeypatch):
     randomize_head(model)
     randomize_zero_inits(model.decoder)
     monkeypatch.setattr(iwm, "jepa_loss", lambda p, t: (p - t).pow(2).mean(-1) * 0.0)  # decoder loss only
+    flow = iwm.rectified_flow_loss                                          # (the latents' flow off too)
+    monkeypatch.setattr(iwm, "rectified_flow_loss", lambda f, x0: flow(f, x0) * (0.0 if x0.dim() == 3 else 1.0))
     frames = torch.randint(0, 256, (2, 3, 32, 32, 3), dtype=torch.uint8)
     loss, _ = model(frames, torch.rand(2, 2, 25, A), frames[:, 0])
     loss.backward()
@@ -721,13 +795,18 @@ def test_sample_py_writes_gifs_opencv_reads_back_with_the_panel_layout(builtin_d
     ok, gif = cv2.imreadanimation(str(tmp_path / "a" / "rollout_0.gif"))
     assert ok and len(gif.frames) == 4 + 1                                   # the start + 4 steps
     panel = 32 * 2
-    assert gif.frames[0].shape == (sample.LABEL_HEIGHT + panel + sample.BAR_HEIGHT, 3 * panel + 2 * 2, 3)
-    table = json.load(open(tmp_path / "a" / "metrics.json"))["per_horizon"]
+    assert gif.frames[0].shape == (sample.LABEL_HEIGHT + panel + sample.BAR_HEIGHT, 4 * panel + 3 * 2, 3)  # truth |
+    table = json.load(open(tmp_path / "a" / "metrics.json"))["per_horizon"]                   # sampled | mean | recon
     assert [row["h"] for row in table] == [1, 2, 3, 4] and all(row["psnr_repeat_start"] > 0 for row in table)
-    # "what if": the same start under two scripts, one panel each after the true future and prediction
+    assert all(row["psnr_best_sample"] >= row["psnr_sample"] for row in table)
+    assert "best of 4" in capsys.readouterr().out
+    # "what if": the same start under two scripts, one panel each after the true future and the mean
     sample.main(common + ["--out", str(tmp_path / "b"), "--actions", "turn_left, walk_forward"])   # a space is fine
     ok, gif = cv2.imreadanimation(str(tmp_path / "b" / "rollout_0_turn_left_walk_forward.gif"))
     assert ok and gif.frames[0].shape[1] == 4 * panel + 3 * 2
+    sample.main(common + ["--out", str(tmp_path / "c"), "--futures", "3"])   # truth | 3 futures | how they differ
+    ok, gif = cv2.imreadanimation(str(tmp_path / "c" / "futures_0.gif"))
+    assert ok and gif.frames[0].shape[1] == 5 * panel + 4 * 2
     with pytest.raises(SystemExit):
         sample.main(common + ["--actions", "moonwalk"])
     assert "unknown script 'moonwalk'" in capsys.readouterr().err
@@ -999,6 +1078,21 @@ def test_gpu_precision_is_bf16_only_where_the_gpu_computes_it_natively(gpu, capa
     assert iwm.autocast_dtype(gpu_capability=capability)[0] == dtype, gpu
     scaler = iwm.make_optimizer(iwm.WorldModel(small_config()), small_config(), "cpu", getattr(torch, dtype))[1]
     assert scaler.is_enabled() == (dtype == "float16")               # the gradient scaler only for fp16
+
+
+def test_an_apple_gpu_is_used_only_when_asked_with_precision_from_the_macos_version(monkeypatch, capsys):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device mps: this PyTorch sees no Apple-silicon GPU"):
+        iwm.check_device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)   # a Mac, faked
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    iwm.check_device("mps")
+    assert iwm.choose_hardware(iwm.Config(device="auto"), say=print)[0].type == "cpu"   # auto never picks it
+    for macos_14, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: macos_14 and major <= 14)
+        device, chosen = iwm.choose_hardware(iwm.Config(device="mps"), say=print)
+        assert device.type == "mps" and chosen == dtype
+    assert "precision: float32 (MPS before macOS 14: no bf16)" in capsys.readouterr().out
 
 
 def test_auto_size_never_pairs_the_224_px_preset_with_smaller_frames(capsys):
@@ -1570,6 +1664,7 @@ def test_the_converter_touches_only_its_own_files_and_two_conversions_never_shar
     (["--surprise", "--euler_steps", "2"], "argument --euler_steps: not used by --surprise"),
     (["--plan", "--actions", "turn_left"], "argument --actions: not used by --plan"),
     (["--probe_every", "3"], "argument --probe_every: not used by the rollouts"),
+    (["--futures", "2", "--actions", "turn_left"], "argument --futures: not used with --actions"),
     (["--video", "x.mp4", "--data", "data/builtin"], "argument --data: not used with --video"),
     (["--video", "nowhere.mp4"], "nowhere.mp4: expected a <stem>.mp4 with its <stem>.jsonl beside it"),
 ])
