@@ -80,6 +80,7 @@ class Config:
     conditioner_mlp_ratio: float = 4.0
     predictor_depth: int = 4         # transformer blocks in the predictor
     predictor_mlp_ratio: float = 4.0
+    sampler_depth: int = 2           # transformer blocks in the future sampler (MLP x4)
     decoder_width: int = 128         # E, the diffusion decoder's token width
     decoder_depth: int = 4           # DiT blocks in the decoder
     decoder_heads: int = 4
@@ -349,35 +350,55 @@ def timestep_embedding(t, dim):
 
 
 class Predictor(nn.Module):
-    """The next step's tokens as base + a predicted change. Also a flow-matching denoiser: given
-    the next latent noised to level t and t, it predicts the clean latent, so that it can draw one
-    possible future, not only their average. Both inputs enter scaled by 1 - t: at t = 1 (pure
-    noise) it sees neither, and its answer is the conditional mean, the prediction the JEPA loss
-    trains, plans with and is measured by."""
-
     def __init__(self, cfg):
         super().__init__()
-        grid, D = cfg.image_size // cfg.patch_size, cfg.width
-        self.register_buffer("positions", sincos_positions_2d(grid, D), persistent=False)
-        self.noisy_in = nn.Linear(D, D)
-        self.time_in = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
-        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.predictor_mlp_ratio)
+        grid = cfg.image_size // cfg.patch_size
+        self.register_buffer("positions", sincos_positions_2d(grid, cfg.width), persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.predictor_mlp_ratio)
                                     for _ in range(cfg.predictor_depth))
-        self.norm = nn.LayerNorm(D)
-        self.head = nn.Linear(D, D)
+        self.norm = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, cfg.width)
         # Zero-initialised head: the untrained predictor says "nothing changes" (copy the
         # latent), the baseline every result is compared with, and learns the change from there.
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.grad_ckpt = cfg.grad_ckpt
 
-    def forward(self, conditioned, base, noisy=None, t=None):  # (B, N, D) x 3, t (B,)
+    def forward(self, conditioned, base):                      # (B, N, D), (B, N, D)
         x = conditioned + self.positions                       # (B, N, D)
-        if noisy is not None:
-            flow = self.noisy_in(noisy) + self.time_in(timestep_embedding(t, 256))[:, None]
-            x = x + per_example(1 - t, x) * flow
         x = run_blocks(self.blocks, x, checkpoint=self.grad_ckpt)
         return base + self.head(self.norm(x))                  # (B, N, D) base + predicted change
+
+
+# -----------------------------------------------------------------------------
+# Future sampler: one possible next latent, not only the average of those the predictor cannot
+# tell apart (the minimiser of an L2 loss is that average; drawn, it is a blur)
+
+
+class FutureSampler(nn.Module):
+    """A flow-matching denoiser of the next latent around the predictor's mean: given the next
+    latent noised to level t, t, the mean and the conditioned tokens, it predicts the clean latent
+    as mean + (1 - t) * a correction. At t = 1 (pure noise) that is the mean exactly, so the
+    sampler's first Euler step goes to the mean, and the mean stays what the JEPA loss trains,
+    planning uses and every latent metric measures."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.width
+        self.register_buffer("positions", sincos_positions_2d(cfg.image_size // cfg.patch_size, D),
+                             persistent=False)
+        self.mean_in, self.noisy_in = nn.Linear(D, D), nn.Linear(D, D)
+        self.time_in = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, 4.0) for _ in range(cfg.sampler_depth))
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, D)
+        self.grad_ckpt = cfg.grad_ckpt
+
+    def forward(self, conditioned, mean, noisy, t):           # (B, N, D) x 3, t (B,)
+        x = conditioned + self.positions + self.mean_in(mean) + self.noisy_in(noisy)
+        x = x + self.time_in(timestep_embedding(t, 256))[:, None]                     # (B, N, D)
+        x = run_blocks(self.blocks, x, checkpoint=self.grad_ckpt)
+        return mean + per_example(1 - t, mean) * self.head(self.norm(x))               # (B, N, D)
 
 
 # -----------------------------------------------------------------------------
@@ -415,9 +436,9 @@ class Decoder(nn.Module):
     frame (the context: in a rollout, its start frame) and how noisy the latent is.
 
     As in every frame-generating world model (DIAMOND, GameNGen), the decoder draws from the last
-    real frame, and the latent says what changed. It draws the change and adds it to the context,
-    so where nothing moved the context's pixels pass through exactly (through a token narrower
-    than its patch they could not: 128 < 8*8*3). A predicted latent is the average of the futures
+    real frame, and the latent says what changed. Per pixel it also says how much of the context
+    to keep: where nothing moved, the context's pixels pass through exactly (through a token
+    narrower than its patch they could not: 128 < 8*8*3). A predicted latent is the average of the futures
     the predictor cannot tell apart, not a target latent; the decoder learns on target latents
     noised by a random amount it is told (RAE's noise-augmented decoding), and at sampling time it
     is told the predictor's measured error: it trusts a far prediction less and the context more.
@@ -439,18 +460,18 @@ class Decoder(nn.Module):
                                     for _ in range(cfg.decoder_depth))
         self.final_norm = nn.LayerNorm(E, elementwise_affine=False)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(E, 2 * E))
-        self.patch_out = nn.Linear(E, 3 * p * p)
+        self.patch_out = nn.Linear(E, 2 * 3 * p * p)     # per pixel: its colour, how much context
         # A linear readout from latent token i straight to the pixels of patch i: the latents
-        # keep most of their patch linearly, so this skip gives a first guess of the change and
-        # the blocks learn the rest from the noisy input and the context.
+        # keep most of their patch linearly, so this skip draws the picture at once and the
+        # blocks learn the rest from the noisy input.
         self.readout = nn.Linear(cfg.width, 3 * p * p)
         self.grad_ckpt = cfg.grad_ckpt
         self.initialize_weights()
 
     def initialize_weights(self):
         """All special inits in one place (DiT): Xavier-uniform linears, zero biases, then zero
-        for every adaLN modulation and the output layers, so the decoder starts by drawing the
-        context frame: nothing changes."""
+        for every adaLN modulation and the output layer, so the decoder starts as a linear
+        readout of the latent, blended half and half with the context."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -460,7 +481,7 @@ class Decoder(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.modulation[-1].weight)
             nn.init.zeros_(block.modulation[-1].bias)
-        for layer in (self.final_modulation[-1], self.patch_out, self.readout):
+        for layer in (self.final_modulation[-1], self.patch_out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -482,8 +503,10 @@ class Decoder(nn.Module):
         c = self.time_mlp(times) + self.latent_pool(latent.mean(dim=1))                     # (B, E)
         x = run_blocks(self.blocks, x, c, checkpoint=self.grad_ckpt)   # (B, N, E)
         shift, scale = self.final_modulation(c).chunk(2, dim=1)
-        x = self.patch_out(modulate(self.final_norm(x), shift, scale))  # (B, N, p*p*3)
-        return context + self.unpatchify(x + self.readout(latent))   # (B, 3, H, W) the clean image
+        colour, keep = self.patch_out(modulate(self.final_norm(x), shift, scale)).chunk(2, dim=-1)
+        drawn = self.unpatchify(colour + self.readout(latent))                # (B, 3, H, W)
+        keep = torch.sigmoid(self.unpatchify(keep))            # (B, 3, H, W) 1: the context's pixel
+        return drawn + keep * (context - drawn)                # (B, 3, H, W) predicted clean image
 
     def draw(self, latent, context, latent_noise, euler_steps, generator=None):   # (B, 3, H, W)
         """A picture of the latent, drawn from noise in euler_steps Euler steps, in [-1, 1]."""
@@ -566,6 +589,7 @@ class WorldModel(nn.Module):
         self.encoder = Encoder(cfg)
         self.action_conditioner = ActionConditioner(cfg)
         self.predictor = Predictor(cfg)
+        self.sampler = FutureSampler(cfg)                      # reads detached inputs only
         ema = cfg.target == "ema"              # then the target is an EMA copy of the encoder
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False) if ema else None
         self.decoder = Decoder(cfg)                            # reads detached latents only
@@ -599,10 +623,10 @@ class WorldModel(nn.Module):
         target latent). The mean of the possible next latents, or with euler_steps > 0, one of
         them, drawn from noise in that many Euler steps (the first one goes to the mean)."""
         conditioned = self.action_conditioner(latent, actions)
-        base = latent if base is None else base
+        mean = self.predictor(conditioned, latent if base is None else base)
         if not euler_steps:
-            return self.predictor(conditioned, base)
-        denoise = lambda x, t: self.predictor(conditioned, base, x, t)     # noqa: E731
+            return mean
+        denoise = lambda x, t: self.sampler(conditioned, mean, x, t)       # noqa: E731
         return rectified_flow_sample(denoise, latent.shape, euler_steps, generator, latent.device)
 
     def rollout(self, latent, actions, base=None, euler_steps=0, generator=None):
@@ -634,11 +658,12 @@ class WorldModel(nn.Module):
         change = jepa_loss(targets[:, :1], targets[:, 1:]).mean(dim=(1, 2))   # (B,) nothing changes
         world_loss = (errors * window_weights(change)).mean()
         world_loss = world_loss + target_regularizer(targets, self.cfg)     # 0 for the EMA target
-        # Step 2b: the predictor also learns to draw one possible next latent, by flow matching on
-        # all tokens at once: from the target noised to a level t < 1, told t, the clean target.
-        # From the detached start latent: only the mean's loss (t = 1) shapes the encoder.
-        conditioned = self.action_conditioner(start.detach(), actions[:, 0])
-        denoise = lambda x, t: self.predictor(conditioned, targets[:, 0], x, t)   # noqa: E731
+        # Step 2b: the sampler learns to draw one possible next latent around the first step's mean,
+        # by flow matching on all tokens at once. Its inputs are detached: it shapes neither the
+        # latents nor the mean.
+        with torch.no_grad():
+            conditioned = self.action_conditioner(start, actions[:, 0])
+        denoise = lambda x, t: self.sampler(conditioned, predictions[:, 0].detach(), x, t)  # noqa: E731
         flow_loss = rectified_flow_loss(denoise, targets[:, 1].detach()).mean()
         # Step 2c: the decoder learns to draw frame 1 from the context frame and its target latent,
         # noised by a random amount it is told. Detached: no decoder gradient reaches the JEPA
@@ -1158,7 +1183,7 @@ class Run:
 
 MODEL_FIELDS = ["image_size", "patch_size", "width", "heads", "encoder_depth", "encoder_mlp_ratio", "conditioner_depth",
                 "conditioner_mlp_ratio", "predictor_depth", "predictor_mlp_ratio", "decoder_width", "decoder_depth",
-                "decoder_heads", "decoder_mlp_ratio"]         # the fields that shape the weights
+                "decoder_heads", "decoder_mlp_ratio", "sampler_depth"]   # the fields that shape the weights
 MAY_BE_ZERO = {"warmup_steps", "weight_decay", "bench", "eval_psnr_windows", "sigreg_weight", "vicreg_variance",
                "vicreg_covariance"}
 FRACTIONS = {"min_lr_ratio", "ema_start", "ema_end"}
