@@ -1193,7 +1193,7 @@ def test_a_full_disk_while_saving_names_the_disk_and_keeps_the_last_checkpoint(b
     (["--width", "130"], "--width 130: must be divisible by 4 and by --heads 4"),
     (["--dtype", "float64"], "--dtype float64: choose one of"),
     (["--device", "cuda:99"], "--device cuda:99: this machine has"),
-    (["--device", "tpu"], "--device tpu: choose auto, cpu, cuda or cuda:N"),
+    (["--device", "tpu"], "--device tpu: choose auto, cpu, cuda, cuda:N or mps"),
     (["--size", "huge"], "--size huge: choose one of"),
 ])
 def test_iwm_refuses_settings_that_make_no_sense_before_any_work(flags, words, tmp_path):
