@@ -5,8 +5,9 @@ A world model answers "if I press these keys and move the mouse like this, what 
 next?". This one answers in latent space (a JEPA), and a diffusion decoder, trained on the side on
 detached latents (it never shapes them), turns latents back into pictures to watch:
 
-    frame t --encoder--> tokens --action_conditioner(last 25 actions)--> predictor --> tokens of t+1
+    frame t --encoder--> tokens --action_conditioner(last 25 actions)--> predictor --> mean of t+1
     frame t+1 --target_encoder (EMA copy of the encoder)--> target tokens; loss = MSE per token
+    mean + noise --sampler (flow matching, on the side)--> one possible set of tokens of t+1
     tokens + the last real frame --decoder (rectified flow, Euler steps from noise)--> frame
 
 Notable choices (docs/faults.md: the original's faults they fix; docs/experiments.md: what each
@@ -19,8 +20,10 @@ measured change bought):
     "nothing changes", exactly the baseline every result is compared with
   - the loss covers an open-loop rollout and teacher-forced steps (V-JEPA 2-AC) and weighs each
     window by how much its view changes, so that big turns do not drown out the rest
-  - the decoder is a DiT with adaLN-Zero that draws from the last real frame (a rollout's start)
-    and each latent token into its own patch, told how far to trust a predicted latent
+  - an L2 loss learns the mean of the futures the model cannot tell apart; a small sampler
+    draws one of them, and its first Euler step is that mean (planning and metrics use the mean)
+  - the decoder is a DiT with adaLN-Zero that draws each latent token into its own patch from
+    the last real frame, whose pixels it keeps where nothing moved
   - every evaluation reports pred/copy, action sensitivity, the collapse watch (std, rank),
     and the PSNR and sharpness of decoded predictions next to "nothing moves"
 
@@ -31,11 +34,9 @@ E decoder width, K action window (25), A action columns, H/W pixels, p patch siz
     python iwm.py --steps 3000 --resume         # continue the run in --out_dir up to step 3000
     python iwm.py --size base --bench 20        # time 20 steps on random data: FLOP/s, memory
     torchrun --nproc_per_node=4 iwm.py --steps 3000   # one process per GPU (DDP)
-    python iwm.py --help                        # every flag, generated from Config below
 
-Reading order: config, helpers, attention, encoder, action conditioner, rectified flow, predictor,
-decoder, the world model (loss, regularisers, EMA), the training loop; then data, evaluation and
-plumbing.
+Reading order: config, helpers, attention, encoder, conditioner, rectified flow, predictor, sampler,
+decoder, the world model (loss, regularisers, EMA), the loop; then data, evaluation, plumbing.
 """
 import argparse
 import contextlib
@@ -299,7 +300,7 @@ class ActionConditioner(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Rectified flow (minRF, SD3), used twice: the predictor draws a possible next latent with it, the
+# Rectified flow (minRF, SD3), used twice: the sampler draws a possible next latent with it, the
 # decoder a picture. t = 0 is the data, t = 1 pure noise, x_t = (1 - t) x_0 + t noise, velocity
 # v = dx_t/dt = noise - x_0; sampling integrates v from t = 1 down to 0 in Euler steps. The
 # network predicts the clean x_0 and v is derived from it (JiT, 2025): a velocity contains the
@@ -317,9 +318,8 @@ def per_example(t, x):
 
 
 def rectified_flow_loss(predict_clean, x0):
-    """Per-example t^2-weighted velocity MSE (= clean MSE) -> (B,). predict_clean(x_t, t) is the
-    model. t ~ logit-normal (sigmoid of a standard normal, SD3): mid-range times, where the
-    sample takes shape, are drawn most."""
+    """Per-example t^2-weighted velocity MSE (= clean MSE) -> (B,) of the model predict_clean(x_t,
+    t). t ~ logit-normal (SD3): mid-range times, where the sample takes shape, are drawn most."""
     t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device))
     x_t = (1 - per_example(t, x0)) * x0 + per_example(t, x0) * torch.randn_like(x0)
     # t^2 * |v_hat - v|^2 with v_hat = (x_t - x0_hat) / t and v = (x_t - x0) / t:
@@ -376,11 +376,10 @@ class Predictor(nn.Module):
 
 
 class FutureSampler(nn.Module):
-    """A flow-matching denoiser of the next latent around the predictor's mean: given the next
-    latent noised to level t, t, the mean and the conditioned tokens, it predicts the clean latent
-    as mean + (1 - t) * a correction. At t = 1 (pure noise) that is the mean exactly, so the
-    sampler's first Euler step goes to the mean, and the mean stays what the JEPA loss trains,
-    planning uses and every latent metric measures."""
+    """A flow-matching denoiser of the next latent around the predictor's mean: given the latent
+    noised to level t, t, the mean and the conditioned tokens, it predicts the clean latent as
+    mean + (1 - t) * a correction: at t = 1 (pure noise) the mean exactly, so its first Euler step
+    goes to the mean, which the JEPA loss trains and planning and every latent metric use."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -437,14 +436,13 @@ class Decoder(nn.Module):
 
     As in every frame-generating world model (DIAMOND, GameNGen), the decoder draws from the last
     real frame, and the latent says what changed. Per pixel it also says how much of the context
-    to keep: where nothing moved, the context's pixels pass through exactly (through a token
-    narrower than its patch they could not: 128 < 8*8*3). A predicted latent is the average of the futures
-    the predictor cannot tell apart, not a target latent; the decoder learns on target latents
-    noised by a random amount it is told (RAE's noise-augmented decoding), and at sampling time it
-    is told the predictor's measured error: it trusts a far prediction less and the context more.
-    Latent token i and context patch i belong to image patch i (same grid): both are added to the
-    i-th noisy patch token, and token i is read out into patch i. The latents' mean, summed with
-    the embedding of t and the noise level, conditions every block (adaLN-Zero, DiT)."""
+    to keep: where nothing moved, those pixels pass through exactly (a token narrower than its
+    patch, 128 < 8*8*3, could not carry them). The mean prediction is not a target latent; the
+    decoder learns on target latents noised by a random amount it is told (RAE's noise-augmented
+    decoding), and at sampling time is told the predictor's measured error: it trusts a far
+    prediction less and the context more. Latent token i and context patch i belong to image
+    patch i: both are added to the i-th noisy patch token, and token i is read out into patch i.
+    The latents' mean, with the embedding of t and the noise level, conditions every block."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -618,10 +616,9 @@ class WorldModel(nn.Module):
             return self.encode(frames, self.target_encoder)
 
     def predict_next(self, latent, actions, base=None, euler_steps=0, generator=None):
-        """One model step, (B, N, D), (B, K, A) -> (B, N, D): the latent frame_skip frames later, as
-        base + a predicted change, where base is the latent itself unless given (the start frame's
-        target latent). The mean of the possible next latents, or with euler_steps > 0, one of
-        them, drawn from noise in that many Euler steps (the first one goes to the mean)."""
+        """One model step, (B, N, D), (B, K, A) -> (B, N, D): the latent frame_skip frames later,
+        base + a predicted change (base: the latent itself unless given, the start's target). The
+        mean of the possible next latents, or with euler_steps > 0, one drawn in that many steps."""
         conditioned = self.action_conditioner(latent, actions)
         mean = self.predictor(conditioned, latent if base is None else base)
         if not euler_steps:
@@ -630,9 +627,8 @@ class WorldModel(nn.Module):
         return rectified_flow_sample(denoise, latent.shape, euler_steps, generator, latent.device)
 
     def rollout(self, latent, actions, base=None, euler_steps=0, generator=None):
-        """Open loop from the encoded start frame, each prediction fed back in. The first step's
-        "nothing changes" is the start frame's target latent, `base`. (B, N, D), (B, R, K, A) ->
-        (B, R, N, D): the means, or with euler_steps > 0, one possible future."""
+        """Open loop from the encoded start frame, each prediction fed back in, (B, R, N, D): the
+        means, or one possible future. Step 1's "nothing changes" is the start's target, `base`."""
         predictions = []
         for step in range(actions.shape[1]):
             latent = self.predict_next(latent, actions[:, step], base if step == 0 else None,
@@ -658,12 +654,11 @@ class WorldModel(nn.Module):
         change = jepa_loss(targets[:, :1], targets[:, 1:]).mean(dim=(1, 2))   # (B,) nothing changes
         world_loss = (errors * window_weights(change)).mean()
         world_loss = world_loss + target_regularizer(targets, self.cfg)     # 0 for the EMA target
-        # Step 2b: the sampler learns to draw one possible next latent around the first step's mean,
-        # by flow matching on all tokens at once. Its inputs are detached: it shapes neither the
-        # latents nor the mean.
+        # Step 2b: the sampler learns one possible next latent around step 1's mean (flow matching,
+        # all tokens at once) from detached inputs: it shapes neither the latents nor the mean
         with torch.no_grad():
-            conditioned = self.action_conditioner(start, actions[:, 0])
-        denoise = lambda x, t: self.sampler(conditioned, predictions[:, 0].detach(), x, t)  # noqa: E731
+            conditioned, mean = self.action_conditioner(start, actions[:, 0]), predictions[:, 0]
+        denoise = lambda x, t: self.sampler(conditioned, mean, x, t)                 # noqa: E731
         flow_loss = rectified_flow_loss(denoise, targets[:, 1].detach()).mean()
         # Step 2c: the decoder learns to draw frame 1 from the context frame and its target latent,
         # noised by a random amount it is told. Detached: no decoder gradient reaches the JEPA
