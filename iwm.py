@@ -656,8 +656,8 @@ class WorldModel(nn.Module):
         world_loss = world_loss + target_regularizer(targets, self.cfg)     # 0 for the EMA target
         # Step 2b: the sampler learns one possible next latent around step 1's mean (flow matching,
         # all tokens at once) from detached inputs: it shapes neither the latents nor the mean
-        with torch.no_grad():
-            conditioned, mean = self.action_conditioner(start, actions[:, 0]), predictions[:, 0]
+        conditioned = self.action_conditioner(start, actions[:, 0]).detach()
+        mean = predictions[:, 0].detach()
         denoise = lambda x, t: self.sampler(conditioned, mean, x, t)                 # noqa: E731
         flow_loss = rectified_flow_loss(denoise, targets[:, 1].detach()).mean()
         # Step 2c: the decoder learns to draw frame 1 from the context frame and its target latent,
@@ -1295,7 +1295,7 @@ def open_dataset(cfg):
 
 def count_parameters(model):
     """Parameters per part (the target encoder is a copy of the encoder, listed separately)."""
-    parts = ["encoder", "action_conditioner", "predictor", "decoder", "target_encoder"]
+    parts = ["encoder", "action_conditioner", "predictor", "sampler", "decoder", "target_encoder"]
     return {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in parts
             if getattr(model, part) is not None}
 
