@@ -941,8 +941,9 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
             add(sums, "mse_still", (mse * still).sum(0), still.sum(0))
             for name, images in (("prediction", drawn), ("reconstruction", rebuilt), ("repeat_start", start)):
                 add(sums, f"ssim_{name}", ssim(images, truth).sum(0), len(mse))
-            add(sums, "sharpness", sharpness(drawn).sum(0), sharpness(truth).sum(0))
-            add(sums, "sharpness_still", (sharpness(drawn) * still).sum(0), (sharpness(truth) * still).sum(0))
+            sharp_drawn, sharp_truth = sharpness(drawn), sharpness(truth)                  # (b, H) each
+            add(sums, "sharpness", sharp_drawn.sum(0), sharp_truth.sum(0))
+            add(sums, "sharpness_still", (sharp_drawn * still).sum(0), (sharp_truth * still).sum(0))
             if futures:
                 with autocast:
                     pictures = [draw(latents, False) for latents in sampled[:FUTURES_DRAWN]]
@@ -952,7 +953,7 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
                 add(sums, "mse_sample", sample_mse[0].sum(0), len(mse))
                 add(sums, "mse_best_sample", sample_mse.min(dim=0).values.sum(0), len(mse))
                 add(sums, "mse_sample_shuffled", mean_squared_error(other, truth).sum(0), len(mse))
-                add(sums, "sharpness_sample", sharpness(pictures[0]).sum(0), sharpness(truth).sum(0))
+                add(sums, "sharpness_sample", sharpness(pictures[0]).sum(0), sharp_truth.sum(0))
     n, starts = len(frames), torch.cat(starts).double()                     # (n, N*D)
     metrics = {"val_loss": (errors[0, :model.cfg.rollout].sum() / n / model.cfg.rollout).item(),
                "pred_copy": ratio(errors[0], errors[1]), "action_sensitivity": ratio(errors[2].sum(), errors[0].sum())[0],
@@ -963,7 +964,7 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
         metrics["psnr_" + key[4:]] = [None if m is None else psnr(m).item() for m in means[key]]
     metrics.update({k: v for k, v in means.items() if k.startswith(("ssim_", "sharpness"))})
     metrics.update({k: v[0] for k, v in means.items() if k.startswith("gap_")})
-    if "mse_still" in sums:
+    if "mse_prediction" in sums:                                            # frames were drawn
         metrics["still_windows"] = sums["mse_still"][1].tolist()
         metrics["controllability"] = [p - q for p, q in zip(metrics["psnr_prediction"], metrics["psnr_shuffled"])]
     if "mse_sample" in sums:

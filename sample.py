@@ -120,7 +120,7 @@ def print_metrics(metrics, horizon):
     if "psnr_sample" in metrics:
         print_table(f"Sampled futures ({iwm.LATENT_EULER_STEPS} Euler steps each): PSNR of one, and of the best of "
                     f"{iwm.FUTURES_DRAWN} per frame; sharpness and controllability of one",
-                    [(" h", "h", 0), ("PSNR sample", "psnr_sample", 2), ("best of 4", "psnr_best_sample", 2),
+                    [(" h", "h", 0), ("PSNR sample", "psnr_sample", 2), (f"best of {iwm.FUTURES_DRAWN}", "psnr_best_sample", 2),
                      ("sharpness", "sharpness_sample", 2), ("controllability", "controllability_sample", 2)], shown)
         print("the average of K sampled futures against the mean (latent MSE / the mean's error; 1/K if they spread as "
               "the truth does): " + ", ".join(f"K = {k}: {iwm.show(metrics.get(f'gap_{k}'), 3)}" for k in (1, 4, 16)))
