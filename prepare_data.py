@@ -56,6 +56,7 @@ ACTION_COLUMNS = (list(KEY_TO_ACTION.values()) + list(BUTTON_TO_ACTION.values())
                   + ["camera_pitch", "camera_yaw", "gui_open"])
 COLUMN = {name: i for i, name in enumerate(ACTION_COLUMNS)}
 STATE_COLUMNS = ["yaw", "pitch", "xpos", "ypos", "zpos"]
+SCENE_COLUMNS = ["crosshairDistance"]   # only the built-in world records these (a 3-D probe's target)
 
 
 class EpisodeError(Exception):
@@ -93,7 +94,7 @@ def checked(container, key, kind, item_kind=None):
 
 def actions_from_lines(lines):
     """Convert parsed jsonl lines to (actions (N, A) float32, state (N, 5) float32 or None).
-    Row i is the action taken while frame i was shown (its effect shows in frame i+1)."""
+    The state gains SCENE_COLUMNS (N, 6) where every line records them. Row i is the action taken while frame i was shown (its effect shows in frame i+1)."""
     actions = np.zeros((len(lines), len(ACTION_COLUMNS)), np.float32)
     hotbars, states = [], []
     attack_stuck = False
@@ -118,7 +119,7 @@ def actions_from_lines(lines):
             actions[i, COLUMN["gui_open"]] = float(bool(checked(line, "isGuiOpen", bool)))
             checked(mouse, "x", float), checked(mouse, "y", float)      # where read_frames draws the cursor
             hotbars.append(checked(line, "hotbar", float))
-            states.append([checked(line, k, float) for k in STATE_COLUMNS])
+            states.append([checked(line, k, float) for k in STATE_COLUMNS + SCENE_COLUMNS])
         except EpisodeError as e:
             raise EpisodeError(f"line {i + 1}: {e}") from None
     # Scroll-wheel hotbar changes are visible only as a change of `hotbar` between lines.
@@ -126,8 +127,10 @@ def actions_from_lines(lines):
     for i, (now, after) in enumerate(zip(hotbars, hotbars[1:])):
         if now is not None and after is not None and now != after and after in range(9):
             actions[i, COLUMN[f"hotbar.{int(after) + 1}"]] = 1
-    has_state = bool(states) and all(None not in state for state in states)
-    return actions, np.array(states, np.float32) if has_state else None
+    if not states or any(None in state[:len(STATE_COLUMNS)] for state in states):
+        return actions, None
+    columns = len(STATE_COLUMNS + SCENE_COLUMNS) if all(None not in state for state in states) else len(STATE_COLUMNS)
+    return actions, np.array([state[:columns] for state in states], np.float32)
 
 
 # -----------------------------------------------------------------------------
@@ -429,7 +432,7 @@ def write_index(out_dir, res, source, val_fraction, split_by="session"):
         episodes.append({**meta, "split": split_of(name, val_fraction, split_by)})
     balance_split(episodes, split_by)
     index = {"format": 1, "source": source, "fps": FPS, "resolution": res, "action_columns": ACTION_COLUMNS,
-             "state_columns": STATE_COLUMNS, "val_fraction": val_fraction, "split_by": split_by, "episodes": episodes}
+             "state_columns": STATE_COLUMNS + SCENE_COLUMNS, "val_fraction": val_fraction, "split_by": split_by, "episodes": episodes}
     write_json(os.path.join(out_dir, "index.json"), index)
 
 
@@ -612,7 +615,8 @@ def input_from_action(action):
 class World:
     """The closed-loop API: World(seed) builds terrain; step(input) advances one tick (1/20 s);
     frame() renders what the player sees (640x360 BGR, like a VPT video frame); state() gives
-    yaw, pitch, x, y, z; line(tick, input) is the jsonl line a VPT recorder would write."""
+    yaw, pitch, x, y, z; line(tick, input) is the jsonl line a VPT recorder would write, plus
+    the distance to the block under the crosshair, which VPT does not record."""
 
     def __init__(self, seed):
         rng, n = np.random.default_rng(seed), WORLD_SIZE
@@ -713,7 +717,13 @@ class World:
                 "keyboard": {"keys": sorted(inp.keys), "newKeys": sorted(inp.keys - previous.keys), "chars": ""},
                 "isGuiOpen": False, "isGuiInventory": False, "hotbar": self.hotbar, "yaw": self.yaw,
                 "pitch": self.pitch, "xpos": float(self.pos[0]), "ypos": float(self.pos[1]),
-                "zpos": float(self.pos[2]), "tick": tick, "milli": 1_700_000_000_000 + tick * 50}
+                "zpos": float(self.pos[2]), "tick": tick, "milli": 1_700_000_000_000 + tick * 50,
+                "crosshairDistance": self.crosshair_distance()}
+
+    def crosshair_distance(self):
+        """Blocks from the eye to the block under the crosshair; VIEW_DISTANCE where none is seen."""
+        distance = self.cast(self.eye(), self.view_axes()[0][None])["distance"][0]
+        return float(min(distance, VIEW_DISTANCE))
 
     def eye(self):
         return self.pos + np.array([0.0, EYE_HEIGHT, 0.0])

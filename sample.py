@@ -195,7 +195,8 @@ def run_rollouts(model, cfg, episodes, args, out):
 # -----------------------------------------------------------------------------
 # Probes: can a linear map read the player's state (yaw, pitch, position) off the latents?
 
-PROBE_TARGETS = ["sin yaw", "cos yaw", "pitch", "x", "y", "z"]
+PROBE_TARGETS = ["sin yaw", "cos yaw", "pitch", "x", "y", "z", "distance"]   # distance: to the block under
+                                            # the crosshair (the built-in world's; it needs the 3-D scene)
 POOLINGS = ["mean", "rows+columns"]
 
 
@@ -230,11 +231,12 @@ def r_squared(predicted, targets):
     return torch.where(variance > 0, 1 - (predicted - targets).pow(2).sum(0) / variance, float("nan"))
 
 
-def probe_data(model, episodes, every):
-    """Pooled latents of every `every`-th frame, and the recorded state there as targets (n, 6)."""
+def probe_data(model, episodes, every, columns):
+    """Pooled latents of every `every`-th frame, and the recorded state there as targets: sin and
+    cos yaw, then state columns 1 .. columns - 1 (n, columns + 1)."""
     features, targets = [], []
     for episode in tqdm(episodes, desc="probe features", unit="episode", leave=False):
-        state = np.asarray(episode["state"][::every], np.float64)
+        state = np.asarray(episode["state"][::every, :columns], np.float64)
         features.append(pooled_latents(model, np.asarray(episode["frames"][::every])))
         targets.append(np.stack([np.sin(np.radians(state[:, 0])), np.cos(np.radians(state[:, 0])), *state[:, 1:].T], axis=1))
     return {name: torch.cat([f[name] for f in features]) for name in POOLINGS}, torch.from_numpy(np.concatenate(targets))
@@ -300,17 +302,19 @@ def run_probes(model, cfg, train_episodes, val_episodes, args):
     if not train_episodes or not val_episodes:
         raise SystemExit(f"error: {cfg.data}: the probe needs recorded state (yaw, pitch, position) "
                          "in both training and validation episodes")
+    columns = min(episode["state"].shape[1] for episode in train_episodes + val_episodes)   # 6: distance too
+    targets = PROBE_TARGETS[:columns + 1]
     torch.manual_seed(args.seed)
     scores = {}
     for name, encoder in (("trained", model), ("random init", iwm.WorldModel(cfg).to(args.device).eval())):
         (train_features, train_targets), (val_features, val_targets) = (
-            probe_data(encoder, episodes, args.probe_every) for episodes in (train_episodes, val_episodes))
+            probe_data(encoder, episodes, args.probe_every, columns) for episodes in (train_episodes, val_episodes))
         for pooling in POOLINGS:
             fit = fit_ridge(train_features[pooling], train_targets, l2=args.probe_l2)
-            scores[f"{name}, {pooling}"] = dict(zip(PROBE_TARGETS, r_squared(fit(val_features[pooling]), val_targets).tolist()))
+            scores[f"{name}, {pooling}"] = dict(zip(targets, r_squared(fit(val_features[pooling]), val_targets).tolist()))
     print(f"linear probe R^2 on {len(val_episodes)} validation episodes (fit on {len(train_episodes)} training "
           f"episodes, every {args.probe_every} frame(s), ridge l2 {args.probe_l2})")
-    print(f"{'encoder, pooling':28s}" + "".join(f"{t:>9s}" for t in PROBE_TARGETS))
+    print(f"{'encoder, pooling':28s}" + "".join(f"{t:>9s}" for t in targets))
     for name, values in scores.items():
         print(f"{name:28s}" + "".join(f"{iwm.show(v, 3):>9s}" for v in values.values()))
     imagination = {}

@@ -104,6 +104,18 @@ def test_state_and_gui_flag_are_read_from_the_line():
     assert state[0].tolist() == [10.0, 5.0, 1.0, 2.0, 3.0]
 
 
+def test_the_crosshair_distance_is_recorded_by_the_builtin_world_and_kept_only_where_every_line_has_it():
+    world = pd.World(0)
+    world.pitch = 90.0                                       # straight down: the ground at the feet
+    assert world.line(0, pd.PlayerInput())["crosshairDistance"] == pytest.approx(pd.EYE_HEIGHT, abs=1e-6)
+    world.pitch = -90.0                                      # straight up: sky, as far as one can see
+    assert world.crosshair_distance() == pd.VIEW_DISTANCE
+    _, state = pd.actions_from_lines([line(crosshairDistance=2.5), line(crosshairDistance=7.0)])
+    assert state[:, 5].tolist() == [2.5, 7.0]
+    _, state = pd.actions_from_lines([line(crosshairDistance=2.5), line()])     # as VPT: no distance
+    assert state.shape == (2, 5)
+
+
 def test_builtin_world_input_round_trips_through_the_converter():
     inp = pd.PlayerInput(keys={"key.keyboard.w", "key.keyboard.3"}, dx=-7, dy=4, buttons={0})
     world = pd.World(0)
