@@ -195,8 +195,10 @@ def run_rollouts(model, cfg, episodes, args, out):
 # -----------------------------------------------------------------------------
 # Probes: can a linear map read the player's state (yaw, pitch, position) off the latents?
 
-PROBE_TARGETS = ["sin yaw", "cos yaw", "pitch", "x", "y", "z", "distance"]   # distance: to the block under
-                                            # the crosshair (the built-in world's; it needs the 3-D scene)
+PROBE_TARGETS = ["sin yaw", "cos yaw", "pitch", "x", "y", "z", "distance"]
+# distance: to the block under the crosshair, where the built-in world records it, on the frames
+# where that block is nearer than the fog: there only the 3-D scene tells it (beyond, the fog's
+# colour and the sky do, and a random network reads it as well as ours)
 POOLINGS = ["mean", "rows+columns"]
 
 
@@ -231,12 +233,36 @@ def r_squared(predicted, targets):
     return torch.where(variance > 0, 1 - (predicted - targets).pow(2).sum(0) / variance, float("nan"))
 
 
+def probe_scores(features, targets, val_features, val_targets, l2):
+    """R^2 of one ridge probe per target column, each fit and scored on the rows where its target
+    is known (the distance only near the player); NaN with fewer than 2 such training rows."""
+    scores = []
+    for column in range(targets.shape[1]):
+        known, known_val = targets[:, column].isfinite(), val_targets[:, column].isfinite()
+        if known.sum() < 2:
+            scores.append(float("nan"))
+            continue
+        fit = fit_ridge(features[known], targets[known, column:column + 1], l2)
+        scores.append(r_squared(fit(val_features[known_val]), val_targets[known_val, column:column + 1]).item())
+    return scores
+
+
+def chosen_penalty(features, targets, penalties):
+    """The ridge penalty whose probe, fit on the first 4/5 of the rows (the windows, episode after
+    episode), best predicts the last fifth (the mean R^2 over the targets): chosen on training
+    data, so the validation score stays honest."""
+    cut = len(features) * 4 // 5
+    return max(penalties, key=lambda l2: r_squared(fit_ridge(features[:cut], targets[:cut], l2)(features[cut:]),
+                                                   targets[cut:]).nanmean().item())
+
+
 def probe_data(model, episodes, every, columns):
     """Pooled latents of every `every`-th frame, and the recorded state there as targets: sin and
-    cos yaw, then state columns 1 .. columns - 1 (n, columns + 1)."""
+    cos yaw, then state columns 1 .. columns - 1 (n, columns + 1); the distance NaN beyond FOG_START."""
     features, targets = [], []
     for episode in tqdm(episodes, desc="probe features", unit="episode", leave=False):
         state = np.asarray(episode["state"][::every, :columns], np.float64)
+        state[:, 5:][state[:, 5:] >= prepare_data.FOG_START] = np.nan
         features.append(pooled_latents(model, np.asarray(episode["frames"][::every])))
         targets.append(np.stack([np.sin(np.radians(state[:, 0])), np.cos(np.radians(state[:, 0])), *state[:, 1:].T], axis=1))
     return {name: torch.cat([f[name] for f in features]) for name in POOLINGS}, torch.from_numpy(np.concatenate(targets))
@@ -244,7 +270,8 @@ def probe_data(model, episodes, every, columns):
 
 IMAGINED_STEPS = (4, 8)     # model steps ahead whose predicted latent the imagination probe reads
 IMAGINATION_EVERY = 4       # frames between the probe's windows
-IMAGINATION_L2 = 1e-2       # its ridge penalty: 2 x 2 x 8 x 128 features need more than --probe_l2
+IMAGINATION_L2 = (1e-3, 1e-2, 1e-1, 1.0)   # its ridge penalties: each probe takes the one that scores
+                                            # best on the last fifth of its training windows
 CHANGES = ["yaw", "pitch", "forward", "right"]   # over those steps: the view's turn and the move in the
                                                  # player's own frame at the start (degrees, blocks)
 
@@ -310,10 +337,12 @@ def run_probes(model, cfg, train_episodes, val_episodes, args):
         (train_features, train_targets), (val_features, val_targets) = (
             probe_data(encoder, episodes, args.probe_every, columns) for episodes in (train_episodes, val_episodes))
         for pooling in POOLINGS:
-            fit = fit_ridge(train_features[pooling], train_targets, l2=args.probe_l2)
-            scores[f"{name}, {pooling}"] = dict(zip(targets, r_squared(fit(val_features[pooling]), val_targets).tolist()))
+            scores[f"{name}, {pooling}"] = dict(zip(targets, probe_scores(
+                train_features[pooling], train_targets, val_features[pooling], val_targets, args.probe_l2)))
     print(f"linear probe R^2 on {len(val_episodes)} validation episodes (fit on {len(train_episodes)} training "
-          f"episodes, every {args.probe_every} frame(s), ridge l2 {args.probe_l2})")
+          f"episodes, every {args.probe_every} frame(s), ridge l2 {args.probe_l2})"
+          + (f"; distance: to the block under the crosshair, where nearer than {prepare_data.FOG_START:g} blocks"
+             if columns > 5 else ""))
     print(f"{'encoder, pooling':28s}" + "".join(f"{t:>9s}" for t in targets))
     for name, values in scores.items():
         print(f"{name:28s}" + "".join(f"{iwm.show(v, 3):>9s}" for v in values.values()))
@@ -323,13 +352,14 @@ def run_probes(model, cfg, train_episodes, val_episodes, args):
             imagination_data(world_model, cfg, episodes, IMAGINATION_EVERY) for episodes in (train_episodes, val_episodes))
         for k in IMAGINED_STEPS:
             for given, key in ((f"start + predicted {k}", k), ("start twice", "start twice")):
-                fit = fit_ridge(train_features[key], train_targets[k], l2=IMAGINATION_L2)
+                l2 = chosen_penalty(train_features[key], train_targets[k], IMAGINATION_L2)
+                fit = fit_ridge(train_features[key], train_targets[k], l2)
                 imagination[f"{name}, {given}, change over {k}"] = dict(
-                    zip(CHANGES, r_squared(fit(val_features[key]), val_targets[k]).tolist()))
+                    zip(CHANGES, r_squared(fit(val_features[key]), val_targets[k]).tolist()), l2=l2)
     print(f"imagination probe R^2: how the view and position change over k steps ({IMAGINED_STEPS} x "
           f"{cfg.frame_skip} frames), read off the start latent beside the one predicted k steps ahead (rows+columns "
-          f"pooling, windows every {IMAGINATION_EVERY} frames, ridge l2 {IMAGINATION_L2})")
-    print(f"{'world model, features, steps':42s}" + "".join(f"{t:>9s}" for t in CHANGES))
+          f"pooling, windows every {IMAGINATION_EVERY} frames, ridge l2 chosen from {IMAGINATION_L2})")
+    print(f"{'world model, features, steps':42s}" + "".join(f"{t:>9s}" for t in CHANGES + ["l2"]))
     for name, values in imagination.items():
         print(f"{name:42s}" + "".join(f"{iwm.show(v, 3):>9s}" for v in values.values()))
     return "probe", {"r_squared": scores, "imagination_r_squared": imagination}

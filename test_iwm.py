@@ -898,6 +898,25 @@ def test_ridge_probe_recovers_a_known_linear_map_and_scores_noise_as_zero():
     assert (sample.r_squared(fit(x[1500:]), noise[1500:]).abs() < 0.05).all()
 
 
+def test_the_ridge_penalty_is_chosen_on_held_out_training_rows():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 8, generator=g)
+    clean = x @ torch.randn(8, 2, generator=g)                # an exact linear map: no penalty is best
+    assert sample.chosen_penalty(x, clean, (1e-6, 1.0, 100.0)) == 1e-6
+    wide, noise = torch.randn(60, 200, generator=g), torch.randn(60, 2, generator=g)  # nothing to read:
+    assert sample.chosen_penalty(wide, noise, (1e-6, 1.0, 100.0)) == 100.0            # shrink it all
+
+
+def test_each_probe_is_fit_and_scored_only_where_its_target_is_known():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 8, generator=g)
+    y = torch.stack([x[:, 0], x[:, 1] + 3 * (x[:, 2] > 0), torch.full((2000,), float("nan"))], dim=1)
+    y[x[:, 2] > 0, 1] = float("nan")     # unknown where a linear probe would fail: far away, say
+    y[:1, 2] = 1.0                       # one known row: too few to fit
+    scores = sample.probe_scores(x[:1500], y[:1500], x[1500:], y[1500:], l2=1e-8)
+    assert scores[0] > 0.999 and scores[1] > 0.999 and math.isnan(scores[2])
+
+
 def test_planner_rows_and_imagined_rollout_use_the_training_action_windows():
     cfg = small_config()
     torch.manual_seed(0)
@@ -960,7 +979,8 @@ def test_sample_py_plan_probe_and_surprise_write_their_results(builtin_dataset, 
     assert all(set(row) == set(sample.PROBE_TARGETS) for row in scores.values())
     imagination = json.load(open(tmp_path / "s" / "probe.json"))["imagination_r_squared"]
     assert "trained, start + predicted 8, change over 8" in imagination and "random init, start twice, change over 4" in imagination
-    assert all(set(row) == set(sample.CHANGES) for row in imagination.values())
+    assert all(set(row) == set(sample.CHANGES) | {"l2"} for row in imagination.values())
+    assert all(row["l2"] in sample.IMAGINATION_L2 for row in imagination.values())
 
 
 # -----------------------------------------------------------------------------
