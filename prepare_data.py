@@ -93,8 +93,9 @@ def checked(container, key, kind, item_kind=None):
 
 
 def actions_from_lines(lines):
-    """Convert parsed jsonl lines to (actions (N, A) float32, state (N, 5) float32 or None).
-    The state gains SCENE_COLUMNS (N, 6) where every line records them. Row i is the action taken while frame i was shown (its effect shows in frame i+1)."""
+    """Convert parsed jsonl lines to (actions (N, A) float32, state (N, 5) float32 or None); the
+    state has a sixth column, SCENE_COLUMNS, where every line records it (the built-in world).
+    Row i is the action taken while frame i was shown (its effect shows in frame i+1)."""
     actions = np.zeros((len(lines), len(ACTION_COLUMNS)), np.float32)
     hotbars, states = [], []
     attack_stuck = False

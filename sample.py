@@ -262,7 +262,8 @@ def probe_data(model, episodes, every, columns):
     features, targets = [], []
     for episode in tqdm(episodes, desc="probe features", unit="episode", leave=False):
         state = np.asarray(episode["state"][::every, :columns], np.float64)
-        state[:, 5:][state[:, 5:] >= prepare_data.FOG_START] = np.nan
+        distance = state[:, len(prepare_data.STATE_COLUMNS):]                  # (n, 0) or (n, 1)
+        distance[distance >= prepare_data.FOG_START] = np.nan
         features.append(pooled_latents(model, np.asarray(episode["frames"][::every])))
         targets.append(np.stack([np.sin(np.radians(state[:, 0])), np.cos(np.radians(state[:, 0])), *state[:, 1:].T], axis=1))
     return {name: torch.cat([f[name] for f in features]) for name in POOLINGS}, torch.from_numpy(np.concatenate(targets))
