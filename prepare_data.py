@@ -433,7 +433,8 @@ def write_index(out_dir, res, source, val_fraction, split_by="session"):
         episodes.append({**meta, "split": split_of(name, val_fraction, split_by)})
     balance_split(episodes, split_by)
     index = {"format": 1, "source": source, "fps": FPS, "resolution": res, "action_columns": ACTION_COLUMNS,
-             "state_columns": STATE_COLUMNS + SCENE_COLUMNS, "val_fraction": val_fraction, "split_by": split_by, "episodes": episodes}
+             "state_columns": STATE_COLUMNS,
+             "scene_columns": SCENE_COLUMNS, "val_fraction": val_fraction, "split_by": split_by, "episodes": episodes}
     write_json(os.path.join(out_dir, "index.json"), index)
 
 

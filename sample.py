@@ -343,7 +343,7 @@ def run_probes(model, cfg, train_episodes, val_episodes, args):
     print(f"linear probe R^2 on {len(val_episodes)} validation episodes (fit on {len(train_episodes)} training "
           f"episodes, every {args.probe_every} frame(s), ridge l2 {args.probe_l2})"
           + (f"; distance: to the block under the crosshair, where nearer than {prepare_data.FOG_START:g} blocks"
-             if columns > 5 else ""))
+             if columns > len(prepare_data.STATE_COLUMNS) else ""))
     print(f"{'encoder, pooling':28s}" + "".join(f"{t:>9s}" for t in targets))
     for name, values in scores.items():
         print(f"{name:28s}" + "".join(f"{iwm.show(v, 3):>9s}" for v in values.values()))
