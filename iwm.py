@@ -294,8 +294,7 @@ class ActionConditioner(nn.Module):
         self.grad_ckpt = cfg.grad_ckpt
 
     def forward(self, tokens, actions):                        # (B, N, D), (B, K, A) raw actions
-        a = self.action_embed(scale_actions(actions))          # (B, K, D)
-        a = a + self.action_positions                          # (B, K, D)
+        a = self.action_embed(scale_actions(actions)) + self.action_positions   # (B, K, D)
         return run_blocks(self.blocks, tokens, a, checkpoint=self.grad_ckpt)   # (B, N, D)
 
 
@@ -376,10 +375,10 @@ class Predictor(nn.Module):
 
 
 class FutureSampler(nn.Module):
-    """A flow-matching denoiser of the next latent around the predictor's mean: given the latent
-    noised to level t, t, the mean and the conditioned tokens, it predicts the clean latent as
-    mean + (1 - t) * a correction: at t = 1 (pure noise) the mean exactly, so its first Euler step
-    goes to the mean, which the JEPA loss trains and planning and every latent metric use."""
+    """A flow-matching denoiser of the next latent's residual, (latent - mean) / its running RMS:
+    given it noised to level t, t, the mean and the conditioned tokens, it predicts the clean
+    residual as (1 - t) * a correction: 0 at t = 1 (pure noise), so its first Euler step goes to
+    the mean, which the JEPA loss trains and planning and every latent metric use."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -397,7 +396,7 @@ class FutureSampler(nn.Module):
         x = conditioned + self.positions + self.mean_in(mean) + self.noisy_in(noisy)
         x = x + self.time_in(timestep_embedding(t, 256))[:, None]                     # (B, N, D)
         x = run_blocks(self.blocks, x, checkpoint=self.grad_ckpt)
-        return mean + per_example(1 - t, mean) * self.head(self.norm(x))               # (B, N, D)
+        return per_example(1 - t, mean) * self.head(self.norm(x))                      # (B, N, D)
 
 
 # -----------------------------------------------------------------------------
@@ -476,10 +475,8 @@ class Decoder(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.time_mlp[0].weight, std=0.02)
         nn.init.normal_(self.time_mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.modulation[-1].weight)
-            nn.init.zeros_(block.modulation[-1].bias)
-        for layer in (self.final_modulation[-1], self.patch_out):
+        modulations = [block.modulation[-1] for block in self.blocks] + [self.final_modulation[-1]]
+        for layer in modulations + [self.patch_out]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -594,6 +591,7 @@ class WorldModel(nn.Module):
         # The predictor's RMS latent error at rollout steps 1..16, measured on training windows at
         # each evaluation and saved with the weights: how far the decoder may trust a prediction
         self.register_buffer("latent_error", torch.zeros(MEASURED_STEPS))
+        self.register_buffer("residual_rms", torch.ones(()))   # the sampler's scale: a running RMS
 
     def train(self, mode=True):
         super().train(mode)
@@ -624,7 +622,8 @@ class WorldModel(nn.Module):
         if not euler_steps:
             return mean
         denoise = lambda x, t: self.sampler(conditioned, mean, x, t)       # noqa: E731
-        return rectified_flow_sample(denoise, latent.shape, euler_steps, generator, latent.device)
+        drawn = rectified_flow_sample(denoise, latent.shape, euler_steps, generator, latent.device)
+        return mean + self.residual_rms * drawn                 # the residual back at its scale
 
     def rollout(self, latent, actions, base=None, euler_steps=0, generator=None):
         """Open loop from the encoded start frame, each prediction fed back in, (B, R, N, D): the
@@ -659,7 +658,9 @@ class WorldModel(nn.Module):
         conditioned = self.action_conditioner(start, actions[:, 0]).detach()
         mean = predictions[:, 0].detach()
         denoise = lambda x, t: self.sampler(conditioned, mean, x, t)                 # noqa: E731
-        flow_loss = rectified_flow_loss(denoise, targets[:, 1].detach()).mean()
+        residual = targets[:, 1].detach() - mean                     # drawn at unit scale
+        self.residual_rms.lerp_(residual.float().pow(2).mean().sqrt(), 0.01 * self.training)
+        flow_loss = rectified_flow_loss(denoise, residual / self.residual_rms).mean()
         # Step 2c: the decoder learns to draw frame 1 from the context frame and its target latent,
         # noised by a random amount it is told. Detached: no decoder gradient reaches the JEPA
         # (DINO-WM and LeWM plan worse when it does)
@@ -723,11 +724,9 @@ def fit(cfg):
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            # Steps 1 and 2 (in WorldModel.forward): targets, predictions, the loss; then backward
-            losses = accumulate_gradients(trained, run, scaler)
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            numbers = run.share(step, **losses, grad_norm=grad_norm)
+            # Steps 1 and 2 (in WorldModel.forward): targets, predictions, the loss; backward, clip
+            losses = accumulate_gradients(trained, run, optimizer, scaler)
+            numbers = run.share(step, **losses)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -1390,9 +1389,10 @@ def make_optimizer(model, cfg, device_type, dtype):
     return optimizer, torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
 
 
-def accumulate_gradients(trained, run, scaler):
-    """Forward and backward over grad_accum micro-batches of fresh windows; returns the mean loss
-    and its parts as device tensors, without waiting for the device. (DDP averages the gradients
+def accumulate_gradients(trained, run, optimizer, scaler):
+    """Forward and backward over grad_accum micro-batches of fresh windows, then the gradients
+    unscaled and clipped to norm grad_clip; returns the mean loss, its parts and the norm before
+    clipping as device tensors, without waiting for the device. (DDP averages the gradients
     across processes on the last micro-batch only.)"""
     losses, accum = {}, run.cfg.grad_accum
     for micro in range(accum):
@@ -1403,7 +1403,9 @@ def accumulate_gradients(trained, run, scaler):
             scaler.scale(micro_loss / accum).backward()
         for name, value in {"loss": micro_loss.detach(), **info}.items():
             losses[name] = losses.get(name, 0.0) + value / accum
-    return losses
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), run.cfg.grad_clip)
+    return {**losses, "grad_norm": grad_norm}
 
 
 def to_device(x, device):

@@ -682,22 +682,50 @@ def test_noising_and_sampler_are_consistent_a_perfect_denoiser_recovers_the_targ
         assert (iwm.rectified_flow_loss(lambda x, t: x0 + 0.1, x0) > 0).all()
 
 
-def test_the_samplers_answer_at_t_1_is_the_mean_and_below_it_reads_the_noisy_latent():
+def test_the_samplers_residual_at_t_1_is_0_so_its_first_step_is_the_mean_below_it_reads_the_noise():
     torch.manual_seed(0)
     model = iwm.WorldModel(small_config())
     randomize_head(model)
     latent, actions = torch.randn(3, 16, 32), torch.randn(3, 25, A)
     mean = model.predict_next(latent, actions)
     conditioned = model.action_conditioner(latent, actions)
-    for noisy in (torch.randn_like(latent), torch.zeros_like(latent)):       # whatever the noise
-        torch.testing.assert_close(model.sampler(conditioned, mean, noisy, torch.ones(3)), mean)
-    assert not torch.allclose(model.sampler(conditioned, mean, noisy, torch.full((3,), 0.5)), mean)
+    zero = torch.zeros_like(latent)
+    for noisy in (torch.randn_like(latent), zero):                          # whatever the noise
+        torch.testing.assert_close(model.sampler(conditioned, mean, noisy, torch.ones(3)), zero)
+    assert not torch.allclose(model.sampler(conditioned, mean, noisy, torch.full((3,), 0.5)), zero)
     seeded = lambda: torch.Generator().manual_seed(1)                       # noqa: E731
     one = model.predict_next(latent, actions, euler_steps=4, generator=seeded())
     assert torch.equal(one, model.predict_next(latent, actions, euler_steps=4, generator=seeded()))
     assert not torch.allclose(one, mean) and not torch.allclose(one, model.predict_next(latent, actions, euler_steps=4))
     torch.testing.assert_close(model.predict_next(latent, actions, euler_steps=1, generator=seeded()), mean)
     assert model.rollout(latent, torch.randn(3, 5, 25, A), euler_steps=2).shape == (3, 5, 16, 32)
+
+
+def test_the_sampler_draws_the_residual_around_the_mean_at_the_running_rms_of_the_training_residuals():
+    torch.manual_seed(0)
+    model = iwm.WorldModel(small_config())
+    randomize_head(model)
+    latent, actions = torch.randn(3, 16, 32), torch.randn(3, 25, A)
+    mean = model.predict_next(latent, actions)
+    draw = lambda: model.predict_next(latent, actions, euler_steps=3, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    residual = draw() - mean
+    model.residual_rms.fill_(2.5)
+    torch.testing.assert_close(draw() - mean, 2.5 * residual)               # the same draw, scaled
+    frames = torch.randint(0, 256, (2, 3, 32, 32, 3), dtype=torch.uint8)
+    batch = frames, torch.rand(2, 2, 25, A), frames[:, 0]
+    model.eval()
+    model(*batch)
+    assert model.residual_rms == 2.5                                         # evaluation leaves it
+    model.train()
+    for _ in range(600):                                                      # 0.99^600: the start is forgotten
+        with torch.no_grad():
+            model(*batch)
+    with torch.no_grad():
+        targets = model.encode_target(frames)
+        start = model.encode(frames[:, :1])[:, 0]
+        first = model.predict_next(start, batch[1][:, 0], targets[:, 0])
+    rms = (targets[:, 1] - first).pow(2).mean().sqrt()
+    torch.testing.assert_close(model.residual_rms, rms, rtol=0.01, atol=0)
 
 
 def test_the_sampler_learns_from_detached_inputs_it_shapes_neither_the_latents_nor_the_mean(monkeypatch):
