@@ -614,6 +614,10 @@ def test_a_corrupt_or_mismatched_checkpoint_gives_a_clear_error(builtin_dataset,
     model = iwm.WorldModel(small_config(width=64, heads=2))
     with pytest.raises(iwm.CheckpointError, match="does not fit this model"):
         iwm.load_model_state(model, iwm.load_checkpoint(str(path)), str(path))
+    state = iwm.load_checkpoint(str(path))
+    del state["model"]["residual_rms"]                   # written before the residual sampler
+    with pytest.raises(iwm.CheckpointError, match="does not fit this model.*residual_rms"):
+        iwm.load_model_state(iwm.WorldModel(small_config()), state, str(path))
     path.write_bytes(path.read_bytes()[:5000])          # truncated, as by a full disk
     with pytest.raises(iwm.CheckpointError, match="cannot be read as a checkpoint"):
         iwm.load_checkpoint(str(path))
