@@ -653,12 +653,13 @@ class WorldModel(nn.Module):
         change = jepa_loss(targets[:, :1], targets[:, 1:]).mean(dim=(1, 2))   # (B,) nothing changes
         world_loss = (errors * window_weights(change)).mean()
         world_loss = world_loss + target_regularizer(targets, self.cfg)     # 0 for the EMA target
-        # Step 2b: the sampler learns one possible next latent around step 1's mean (flow matching,
-        # all tokens at once) from detached inputs: it shapes neither the latents nor the mean
+        # Step 2b: the sampler learns the next latent as a residual around step 1's mean, at unit
+        # scale (over its running RMS, which training batches update), by flow matching on all
+        # tokens at once, from detached inputs: it shapes neither the latents nor the mean
         conditioned = self.action_conditioner(start, actions[:, 0]).detach()
         mean = predictions[:, 0].detach()
         denoise = lambda x, t: self.sampler(conditioned, mean, x, t)                 # noqa: E731
-        residual = targets[:, 1].detach() - mean                     # drawn at unit scale
+        residual = targets[:, 1].detach() - mean                                     # (B, N, D)
         self.residual_rms.lerp_(residual.float().pow(2).mean().sqrt(), 0.01 * self.training)
         flow_loss = rectified_flow_loss(denoise, residual / self.residual_rms).mean()
         # Step 2c: the decoder learns to draw frame 1 from the context frame and its target latent,
