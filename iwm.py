@@ -1160,6 +1160,8 @@ class Run:
         """Leave the process group, free the run folder, report the speed; after a stop request,
         exit with the shell's code. Returns (model, the last evaluation's metrics)."""
         if self.world_size > 1:
+            for buffer in model.buffers():      # as DDP does before each forward: rank 0's running
+                dist.broadcast(buffer, src=0)   # statistics (residual_rms), which each process updated
             dist.destroy_process_group()
         release_run_folder(self.cfg.out_dir)               # another run may use the folder now
         self.say(f"{len(self.speeds)} steps: median {np.median(self.speeds):.1f} samples/s ({self.cfg.size}, "
