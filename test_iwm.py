@@ -686,12 +686,17 @@ def test_noising_and_sampler_are_consistent_a_perfect_denoiser_recovers_the_targ
         assert (iwm.rectified_flow_loss(lambda x, t: x0 + 0.1, x0) > 0).all()
 
 
-def test_the_samplers_residual_at_t_1_is_0_so_its_first_step_is_the_mean_below_it_reads_the_noise():
+def model_and_one_step():
+    """A small world model with a trained-looking predictor head, a latent, actions and the mean."""
     torch.manual_seed(0)
     model = iwm.WorldModel(small_config())
     randomize_head(model)
     latent, actions = torch.randn(3, 16, 32), torch.randn(3, 25, A)
-    mean = model.predict_next(latent, actions)
+    return model, latent, actions, model.predict_next(latent, actions)
+
+
+def test_the_samplers_residual_at_t_1_is_0_so_its_first_step_is_the_mean_below_it_reads_the_noise():
+    model, latent, actions, mean = model_and_one_step()
     conditioned = model.action_conditioner(latent, actions)
     zero = torch.zeros_like(latent)
     for noisy in (torch.randn_like(latent), zero):                          # whatever the noise
@@ -706,11 +711,7 @@ def test_the_samplers_residual_at_t_1_is_0_so_its_first_step_is_the_mean_below_i
 
 
 def test_the_sampler_draws_the_residual_around_the_mean_at_the_running_rms_of_the_training_residuals():
-    torch.manual_seed(0)
-    model = iwm.WorldModel(small_config())
-    randomize_head(model)
-    latent, actions = torch.randn(3, 16, 32), torch.randn(3, 25, A)
-    mean = model.predict_next(latent, actions)
+    model, latent, actions, mean = model_and_one_step()
     draw = lambda: model.predict_next(latent, actions, euler_steps=3, generator=torch.Generator().manual_seed(1))  # noqa: E731
     residual = draw() - mean
     model.residual_rms.fill_(2.5)
