@@ -293,9 +293,11 @@ def view_and_move_change(start, end):
 def imagination_data(model, cfg, episodes, every):
     """Windows every `every` frames of each episode. Features: the rows+columns pooling of the
     start latent beside that of the latent the model predicts k steps ahead under the recorded
-    inputs, for each k in IMAGINED_STEPS, and of the start latent twice (the model imagines
-    nothing). Targets: view_and_move_change over k steps."""
-    features, targets = {k: [] for k in IMAGINED_STEPS + ("start twice",)}, {k: [] for k in IMAGINED_STEPS}
+    inputs, for each k in IMAGINED_STEPS; of the start latent twice (the model imagines nothing);
+    and of the start latent beside the recorded inputs of those k steps themselves (what a model
+    that only passes its inputs on could give). Targets: view_and_move_change over k steps."""
+    features = {k: [] for k in IMAGINED_STEPS + ("start twice",) + tuple(("inputs", k) for k in IMAGINED_STEPS)}
+    targets = {k: [] for k in IMAGINED_STEPS}
     device, span = next(model.parameters()).device, max(IMAGINED_STEPS) * cfg.frame_skip
     for episode in tqdm(episodes, desc="imagination features", unit="episode", leave=False):
         starts = np.arange(0, len(episode["frames"]) - span, every)
@@ -312,6 +314,8 @@ def imagination_data(model, cfg, episodes, every):
         state = np.asarray(episode["state"], np.float64)
         for k in IMAGINED_STEPS:
             features[k].append(torch.cat([start, rows_and_columns(predicted[:, k - 1], cfg)], dim=1))
+            inputs = np.stack([episode["actions"][t:t + k * cfg.frame_skip] for t in starts])   # (n, k*skip, A)
+            features["inputs", k].append(torch.cat([start, torch.from_numpy(inputs).flatten(1).float()], dim=1))
             targets[k].append(view_and_move_change(state[starts], state[starts + k * cfg.frame_skip]))
     return ({k: torch.cat(v) for k, v in features.items()},
             {k: torch.from_numpy(np.concatenate(v)) for k, v in targets.items()})
@@ -352,7 +356,8 @@ def run_probes(model, cfg, train_episodes, val_episodes, args):
         (train_features, train_targets), (val_features, val_targets) = (
             imagination_data(world_model, cfg, episodes, IMAGINATION_EVERY) for episodes in (train_episodes, val_episodes))
         for k in IMAGINED_STEPS:
-            for given, key in ((f"start + predicted {k}", k), ("start twice", "start twice")):
+            for given, key in ((f"start + predicted {k}", k), ("start twice", "start twice"),
+                               ("start + the inputs themselves", ("inputs", k))):
                 l2 = chosen_penalty(train_features[key], train_targets[k], IMAGINATION_L2)
                 fit = fit_ridge(train_features[key], train_targets[k], l2)
                 imagination[f"{name}, {given}, change over {k}"] = dict(
@@ -360,9 +365,10 @@ def run_probes(model, cfg, train_episodes, val_episodes, args):
     print(f"imagination probe R^2: how the view and position change over k steps ({IMAGINED_STEPS} x "
           f"{cfg.frame_skip} frames), read off the start latent beside the one predicted k steps ahead (rows+columns "
           f"pooling, windows every {IMAGINATION_EVERY} frames, ridge l2 chosen from {IMAGINATION_L2})")
-    print(f"{'world model, features, steps':42s}" + "".join(f"{t:>9s}" for t in CHANGES + ["l2"]))
+    width = max(map(len, imagination))
+    print(f"{'world model, features, steps':{width}s}" + "".join(f"{t:>9s}" for t in CHANGES + ["l2"]))
     for name, values in imagination.items():
-        print(f"{name:42s}" + "".join(f"{iwm.show(v, 3):>9s}" for v in values.values()))
+        print(f"{name:{width}s}" + "".join(f"{iwm.show(v, 3):>9s}" for v in values.values()))
     return "probe", {"r_squared": scores, "imagination_r_squared": imagination}
 
 

@@ -824,6 +824,22 @@ def test_the_decoder_learns_from_the_true_target_latent_and_the_context_frame():
     torch.testing.assert_close(drawn_from, iwm.normalize_frames(context, 32))
 
 
+def test_the_imagination_probes_control_reads_the_inputs_of_exactly_those_steps():
+    cfg = small_config()
+    model = iwm.WorldModel(cfg).eval()
+    n = 40
+    actions = np.arange(n, dtype=np.float32)[:, None] * np.ones((1, A), np.float32)   # row i holds i
+    episode = {"frames": np.zeros((n, 32, 32, 3), np.uint8), "actions": actions,
+               "state": np.zeros((n, 5))}
+    features, targets = sample.imagination_data(model, cfg, [episode], every=5)
+    k = max(sample.IMAGINED_STEPS)
+    inputs = features["inputs", k][:, -k * cfg.frame_skip * A:].view(-1, k * cfg.frame_skip, A)
+    starts = torch.arange(0, n - k * cfg.frame_skip, 5)
+    expected = starts[:, None] + torch.arange(k * cfg.frame_skip)    # rows t .. t + k*skip - 1
+    torch.testing.assert_close(inputs[:, :, 0], expected.float())
+    assert len(targets[k]) == len(starts)
+
+
 def test_no_decoder_gradient_reaches_the_world_model(monkeypatch):
     torch.manual_seed(0)
     model = iwm.WorldModel(small_config())
@@ -1012,6 +1028,7 @@ def test_sample_py_plan_probe_and_surprise_write_their_results(builtin_dataset, 
     imagination = json.load(open(tmp_path / "s" / "probe.json"))["imagination_r_squared"]
     assert "trained, start + predicted 8, change over 8" in imagination and "random init, start twice, change over 4" in imagination
     assert all(set(row) == set(sample.CHANGES) | {"l2"} for row in imagination.values())
+    assert "trained, start + the inputs themselves, change over 8" in imagination
     assert all(row["l2"] in sample.IMAGINATION_L2 for row in imagination.values())
 
 
