@@ -402,6 +402,11 @@ class FutureSampler(nn.Module):
 # -----------------------------------------------------------------------------
 # Diffusion decoder: latent tokens -> pixels, for watching and scoring predictions only.
 
+MAX_LATENT_NOISE = 1.0   # the decoder learns with latent noise up to this std (latents: unit
+                         # variance per token; the predictor's RMS error stays below ~0.7)
+MEASURED_STEPS = 16      # rollout steps whose latent error is measured (later steps reuse the last)
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -425,17 +430,18 @@ class DecoderBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Predicts the clean frame from a noisy one, given the frame's latent tokens and an earlier
-    real frame (the context: in a rollout, its start frame).
+    """Predicts the clean frame from a noisy one, given the frame's latent tokens, an earlier real
+    frame (the context: in a rollout, its start frame) and how noisy the latent is.
 
     As in every frame-generating world model (DIAMOND, GameNGen), the decoder draws from the last
     real frame, and the latent says what changed. Per pixel it also says how much of the context
     to keep: where nothing moved, those pixels pass through exactly (a token narrower than its
-    patch, 128 < 8*8*3, could not carry them). It learns on the true target latents only (taught
-    on noised ones too, it drew them 3.7 dB worse and the mean no better: docs/imagination.md).
-    Latent token i and context patch i belong to image patch i: both are added to the i-th noisy
-    patch token, and token i is read out into patch i. The latents' mean, with the embedding of
-    t, conditions every block."""
+    patch, 128 < 8*8*3, could not carry them). The mean prediction is not a target latent; the
+    decoder learns on target latents noised by a random amount it is told (RAE's noise-augmented
+    decoding), and at sampling time is told the predictor's measured error: it trusts a far
+    prediction less and the context more. Latent token i and context patch i belong to image
+    patch i: both are added to the i-th noisy patch token, and token i is read out into patch i.
+    The latents' mean, with the embedding of t and the noise level, conditions every block."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -445,7 +451,7 @@ class Decoder(nn.Module):
         self.context_in = nn.Linear(3 * p * p, E)
         self.latent_in = nn.Linear(cfg.width, E)
         self.register_buffer("positions", sincos_positions_2d(self.grid, E), persistent=False)
-        self.time_mlp = nn.Sequential(nn.Linear(256, E), nn.SiLU(), nn.Linear(E, E))
+        self.time_mlp = nn.Sequential(nn.Linear(512, E), nn.SiLU(), nn.Linear(E, E))   # t, noise
         self.latent_pool = nn.Linear(cfg.width, E)
         self.blocks = nn.ModuleList(DecoderBlock(E, cfg.decoder_heads, cfg.decoder_mlp_ratio)
                                     for _ in range(cfg.decoder_depth))
@@ -484,11 +490,12 @@ class Decoder(nn.Module):
         x = patches.reshape(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)    # (B, 3, g, p, g, p)
         return x.reshape(B, 3, g * p, g * p)                               # (B, 3, H, W)
 
-    def forward(self, noisy, t, latent, context):
-        """noisy (B, 3, H, W), t (B,), latent (B, N, D), context (B, 3, H, W)."""
+    def forward(self, noisy, t, latent, context, latent_noise):
+        """noisy (B, 3, H, W), t (B,), latent (B, N, D), context (B, 3, H, W), latent_noise (B,)."""
         x = self.patch_in(self.patchify(noisy)) + self.context_in(self.patchify(context))  # B,N,E
         x = x + self.latent_in(latent) + self.positions        # (B, N, E) patch i gets token i
-        c = self.time_mlp(timestep_embedding(t, 256)) + self.latent_pool(latent.mean(dim=1))   # B,E
+        times = torch.cat([timestep_embedding(t, 256), timestep_embedding(latent_noise, 256)], 1)
+        c = self.time_mlp(times) + self.latent_pool(latent.mean(dim=1))                     # (B, E)
         x = run_blocks(self.blocks, x, c, checkpoint=self.grad_ckpt)   # (B, N, E)
         shift, scale = self.final_modulation(c).chunk(2, dim=1)
         colour, keep = self.patch_out(modulate(self.final_norm(x), shift, scale)).chunk(2, dim=-1)
@@ -496,9 +503,9 @@ class Decoder(nn.Module):
         keep = torch.sigmoid(self.unpatchify(keep))            # (B, 3, H, W) 1: the context's pixel
         return drawn + keep * (context - drawn)                # (B, 3, H, W) predicted clean image
 
-    def draw(self, latent, context, euler_steps, generator=None):             # (B, 3, H, W)
+    def draw(self, latent, context, latent_noise, euler_steps, generator=None):   # (B, 3, H, W)
         """A picture of the latent, drawn from noise in euler_steps Euler steps, in [-1, 1]."""
-        draw = lambda x, t: self(x, t, latent, context)                            # noqa: E731
+        draw = lambda x, t: self(x, t, latent, context, latent_noise)              # noqa: E731
         pixels = rectified_flow_sample(draw, context.shape, euler_steps, generator, latent.device)
         return pixels.clamp(-1, 1)
 
@@ -581,6 +588,9 @@ class WorldModel(nn.Module):
         ema = cfg.target == "ema"              # then the target is an EMA copy of the encoder
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False) if ema else None
         self.decoder = Decoder(cfg)                            # reads detached latents only
+        # The predictor's RMS latent error at rollout steps 1..16, measured on training windows at
+        # each evaluation and saved with the weights: how far the decoder may trust a prediction
+        self.register_buffer("latent_error", torch.zeros(MEASURED_STEPS))
         self.register_buffer("residual_rms", torch.ones(()))   # the sampler's scale: a running RMS
 
     def train(self, mode=True):
@@ -652,11 +662,14 @@ class WorldModel(nn.Module):
         residual = targets[:, 1].detach() - mean                                     # (B, N, D)
         self.residual_rms.lerp_(residual.float().pow(2).mean().sqrt(), 0.01 * self.training)
         flow_loss = rectified_flow_loss(denoise, residual / self.residual_rms).mean()
-        # Step 2c: the decoder learns to draw frame 1 from the context frame and its target latent.
-        # Detached: no decoder gradient reaches the JEPA (DINO-WM and LeWM plan worse when it does)
+        # Step 2c: the decoder learns to draw frame 1 from the context frame and its target latent,
+        # noised by a random amount it is told. Detached: no decoder gradient reaches the JEPA
+        # (DINO-WM and LeWM plan worse when it does)
+        noise = MAX_LATENT_NOISE * torch.rand(B, device=frames.device)                # (B,)
         latent = targets[:, 1].detach()                                          # (B, N, D)
+        latent = latent + noise[:, None, None] * torch.randn_like(latent)
         image, context = (normalize_frames(x, self.cfg.image_size) for x in (frames[:, 1], context))
-        draw = lambda x, t: self.decoder(x, t, latent, context)              # noqa: E731
+        draw = lambda x, t: self.decoder(x, t, latent, context, noise)       # noqa: E731
         decoder_loss = rectified_flow_loss(draw, image).mean()
         parts = {"world_loss": world_loss.detach(), "flow_loss": flow_loss.detach(),
                  "decoder_loss": decoder_loss.detach()}
@@ -785,6 +798,8 @@ class WindowSampler:
 # -----------------------------------------------------------------------------
 # Evaluation: the numbers every file reports the same way (docs/metrics.md)
 
+ERROR_WINDOWS = 32         # training windows on which the predictor's latent error is measured
+
 
 def mean_squared_error(images, reference):
     """Per image, for images (..., 3, H, W) -> (...)."""
@@ -842,15 +857,28 @@ def ssim(images, reference):
 
 
 @torch.no_grad()
+def measure_latent_error(model, frames, actions, device, autocast):
+    """The predictor's RMS latent error at each open-loop step 1..16 on training windows, stored
+    in model.latent_error: at sampling time the decoder is told it as the latent's noise level."""
+    with autocast:
+        targets = model.encode_target(frames.to(device)).float()                            # (b, 17, N, D)
+        predicted = model.rollout(model.encode(frames[:, :1].to(device))[:, 0], actions.to(device), targets[:, 0])
+    error = jepa_loss(predicted, targets[:, 1:]).mean(dim=(0, 2)).sqrt()                   # (steps,)
+    model.latent_error.copy_(torch.cat([error, error[-1:].expand(len(model.latent_error) - len(error))]))
+
+
 @torch.no_grad()
-def draw_rollout(model, latents, start, euler_steps, generator=None, chunk=256):
+def draw_rollout(model, latents, start, predicted, euler_steps, generator=None, chunk=256):
     """Pictures of a rollout's latents (B, S, N, D) from its start frames (B, H, W, 3) uint8, which
-    the decoder sees as context. Drawn chunk images at a time, to bound memory. Returns (B, S, 3,
-    H, W) in [-1, 1]."""
+    the decoder sees as context: told the predictor's measured error at each step for predictions
+    (predicted=True), 0 for true target latents. Drawn chunk images at a time, to bound memory.
+    Returns (B, S, 3, H, W) in [-1, 1]."""
     B, S = latents.shape[:2]
     context = normalize_frames(start, model.cfg.image_size)[:, None].expand(-1, S, -1, -1, -1).flatten(0, 1)
+    steps = torch.arange(S, device=latents.device).clamp_max(len(model.latent_error) - 1)
+    noise = (model.latent_error[steps] if predicted else torch.zeros(S, device=latents.device)).repeat(B)
     latents = latents.flatten(0, 1)
-    images = [model.decoder.draw(latents[i:i + chunk], context[i:i + chunk], euler_steps, generator)
+    images = [model.decoder.draw(latents[i:i + chunk], context[i:i + chunk], noise[i:i + chunk], euler_steps, generator)
               for i in range(0, B * S, chunk)]
     return torch.cat(images).unflatten(0, (B, S))
 
@@ -898,9 +926,10 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
         starts.append(targets[:, 0].flatten(1).cpu())                        # (b, N*D) one row per frame
         if i < psnr_windows:
             b = min(psnr_windows - i, len(f))
-            draw = lambda latents: draw_rollout(model, latents[:b], f[:b, 0], euler_steps, generator)  # noqa: E731
+            draw = lambda latents, is_prediction: draw_rollout(model, latents[:b], f[:b, 0], is_prediction,   # noqa: E731
+                                                               euler_steps, generator)
             with autocast:                                   # this order: the same noise each eval
-                drawn, rebuilt, other = draw(predicted), draw(targets[:, 1:]), draw(shuffled)
+                drawn, rebuilt, other = draw(predicted, True), draw(targets[:, 1:], False), draw(shuffled, True)
             truth = normalize_frames(f[:b, 1:], model.cfg.image_size)
             start = normalize_frames(f[:b, :1], model.cfg.image_size).expand_as(truth)
             still = (mean_squared_error(start, truth) < STILL_MSE).cumprod(dim=1).float()   # (b, H) unchanged so far
@@ -917,9 +946,9 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
             add(sums, "sharpness_still", (sharp_drawn * still).sum(0), (sharp_truth * still).sum(0))
             if futures:
                 with autocast:
-                    pictures = [draw(latents) for latents in sampled[:FUTURES_DRAWN]]
+                    pictures = [draw(latents, False) for latents in sampled[:FUTURES_DRAWN]]
                     other = draw(model.rollout(latent, a.roll(1, dims=0), targets[:, 0], LATENT_EULER_STEPS,
-                                               generator).float())
+                                               generator).float(), False)
                 sample_mse = torch.stack([mean_squared_error(p, truth) for p in pictures])   # (K, b, H)
                 add(sums, "mse_sample", sample_mse[0].sum(0), len(mse))
                 add(sums, "mse_best_sample", sample_mse.min(dim=0).values.sum(0), len(mse))
@@ -1068,7 +1097,7 @@ class Run:
         self.device, self.dtype = choose_hardware(cfg, local_rank, self.say)
         self.autocast = autocast_to(self.device.type, self.dtype)
         torch.manual_seed(cfg.seed)
-        self.sampler, self.val_frames, self.val_actions, self.ckpt_path = prepare_run(cfg, self.say)
+        self.sampler, self.val_frames, self.val_actions, self.error_windows, self.ckpt_path = prepare_run(cfg, self.say)
         self.metrics, self.speeds, self.stopping, self.log, self.started = {}, [], False, None, 0.0
 
     def start(self, model, optimizer, scaler):
@@ -1106,13 +1135,15 @@ class Run:
         return numbers
 
     def end_step(self, step, model, optimizer, scaler, **numbers):
-        """Progress and the log record; when due, the evaluation (drawing frames at the last step
-        only) and the checkpoint."""
+        """Progress and the log record; when due, the decoder's trust (every process), the
+        evaluation (drawing frames at the last step only) and the checkpoint."""
         cfg, evaluating = self.cfg, step % self.cfg.eval_every == 0 or step == self.cfg.steps
         self.speeds.append(self.world_size * cfg.batch_size * cfg.grad_accum / (time.perf_counter() - self.started))
         self.bar.update(1)
         self.bar.set_postfix({part: f"{numbers[part + '_loss']:.4f}" for part in ("world", "flow", "decoder")})
         record = {"step": step, **numbers, "samples_per_s": self.speeds[-1]}
+        if evaluating:                                     # in every process: saved with the weights
+            measure_latent_error(model, *self.error_windows, self.device, self.autocast)
         if self.rank == 0 and evaluating:
             self.metrics = evaluate(model, self.val_frames, self.val_actions, self.device, self.autocast,
                                     cfg.eval_psnr_windows if step == cfg.steps else 0, cfg.euler_steps)
@@ -1298,6 +1329,9 @@ def prepare_run(cfg, say):
     index, train_episodes, val_episodes = open_dataset(cfg)
     val_frames, val_actions, _ = WindowSampler(val_episodes, cfg.eval_horizon, cfg, "--eval_horizon").sample(
         cfg.eval_windows, torch.Generator().manual_seed(1234))    # the same windows every time
+    steps = min(MEASURED_STEPS, (max(len(e["frames"]) for e in train_episodes) - 1) // cfg.frame_skip)
+    error_windows = WindowSampler(train_episodes, steps, cfg).sample(
+        ERROR_WINDOWS, torch.Generator().manual_seed(4321))[:2]   # training windows: the decoder's trust
     say(f"data: {cfg.data}: {len(train_episodes)} train / {len(val_episodes)} val episodes, {index['resolution']}px"
         + (f" (resized to {cfg.image_size} on the device)" if index["resolution"] != cfg.image_size else ""))
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
@@ -1311,7 +1345,7 @@ def prepare_run(cfg, say):
                               "the log, or choose another --out_dir")
     with contextlib.suppress(FileNotFoundError):
         os.remove(ckpt_path + ".tmp")                       # left by a run killed while saving
-    return WindowSampler(train_episodes, cfg.rollout, cfg), val_frames, val_actions, ckpt_path
+    return WindowSampler(train_episodes, cfg.rollout, cfg), val_frames, val_actions, error_windows, ckpt_path
 
 
 def lock_run_folder(out_dir):

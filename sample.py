@@ -161,22 +161,22 @@ def run_rollouts(model, cfg, episodes, args, out):
         with torch.no_grad():
             start_latent, targets = model.encode(frames[:, :1])[:, 0], model.encode_target(frames)[0]   # (1, N, D), (S, N, D)
             sample = lambda: model.rollout(start_latent, recorded, targets[:1], iwm.LATENT_EULER_STEPS, generator)[0]  # noqa: E731
-            mean = ("mean", model.rollout(start_latent, recorded, targets[:1])[0], rows[0])
+            mean = ("mean", model.rollout(start_latent, recorded, targets[:1])[0], rows[0], True)
             if args.futures:
-                runs = [(f"future {k + 1}", sample(), rows[0]) for k in range(args.futures)]
+                runs = [(f"future {k + 1}", sample(), rows[0], False) for k in range(args.futures)]
             elif args.actions:
                 runs = [mean]
             else:
-                runs = [("sampled", sample(), rows[0]), mean, ("reconstruction", targets[1:], rows[0])]
+                runs = [("sampled", sample(), rows[0], False), mean, ("reconstruction", targets[1:], rows[0], False)]
             for script in args.actions:   # the recorded rows before the start, the script from the start on
                 script_rows = np.zeros((n_rows, len(ACTION_COLUMNS)), np.float32)
                 for column, value in SCRIPTS[script].items():
                     script_rows[:, COLUMN[column]] = value
                 latents = imagine(model, (start_latent[0], targets[0]), history, torch.from_numpy(script_rows)[None])[0]
-                runs.append((script, latents, script_rows))
-            drawn = [iwm.draw_rollout(model, latents[None], frames[:, 0], args.euler_steps, generator)[0]
-                     for _, latents, _ in runs]
-        for (label, _, action_rows), pictures in zip(runs, drawn):
+                runs.append((script, latents, script_rows, True))
+            drawn = [iwm.draw_rollout(model, latents[None], frames[:, 0], predicted, args.euler_steps, generator)[0]
+                     for _, latents, _, predicted in runs]
+        for (label, _, action_rows, _), pictures in zip(runs, drawn):
             panels.append(np.concatenate([truth[:1], to_pixels(pictures)]))
             labels.append(label)
             rows.append(action_rows)
@@ -575,7 +575,7 @@ def imagination_cost(model, cfg, args):
     window = torch.zeros(1, cfg.action_window, len(ACTION_COLUMNS), device=args.device)
     frame = torch.zeros(1, cfg.image_size, cfg.image_size, 3, dtype=torch.uint8, device=args.device)
     in_latents = lambda: model.predict_next(latent, window)
-    as_pixels = lambda: model.encoder(iwm.draw_rollout(model, in_latents()[:, None], frame, args.euler_steps)[:, 0])
+    as_pixels = lambda: model.encoder(iwm.draw_rollout(model, in_latents()[:, None], frame, True, args.euler_steps)[:, 0])
     costs = {}
     with torch.no_grad():
         for name, step in (("latent", in_latents), ("pixels", as_pixels)):
@@ -609,7 +609,7 @@ def run_planning(model, cfg, args, out):
                 seconds += plan_seconds
                 if policy == "plan" and trial < args.n:    # each imagined step drawn from the frame it started at
                     drawn = to_pixels(iwm.draw_rollout(model, torch.stack(imagined)[:, None],
-                                                       torch.from_numpy(np.stack(seen[:-1])).to(args.device),
+                                                       torch.from_numpy(np.stack(seen[:-1])).to(args.device), True,
                                                        args.euler_steps, torch.Generator(args.device).manual_seed(args.seed))[:, 0])
                     compose_gif(os.path.join(out, f"plan_{kind}_{trial}.gif"),
                                 [np.stack([goal_frame] * len(seen)), np.stack(seen), np.concatenate([seen[:1], drawn])],

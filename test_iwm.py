@@ -655,18 +655,19 @@ def test_decoder_draws_each_latent_token_into_its_own_patch():
     decoder = iwm.Decoder(cfg)
     randomize_zero_inits(decoder)
     noisy, t, latent = torch.randn(1, 3, 32, 32), torch.full((1,), 0.5), torch.randn(1, 16, 32)
-    context = torch.rand(1, 3, 32, 32) * 2 - 1
-    base = decoder(noisy, t, latent, context)
+    context, noise = torch.rand(1, 3, 32, 32) * 2 - 1, torch.full((1,), 0.3)
+    base = decoder(noisy, t, latent, context, noise)
     assert base.shape == (1, 3, 32, 32)
     for token in [0, 5, 10, 15]:
         changed = latent.clone()
         changed[0, token] += 3.0
-        change_per_patch = decoder.patchify(decoder(noisy, t, changed, context) - base).abs().sum(-1)[0]
+        change_per_patch = decoder.patchify(decoder(noisy, t, changed, context, noise) - base).abs().sum(-1)[0]
         assert change_per_patch.argmax() == token      # patch 5 = row 1, column 1 of the 4x4 grid
         other_context = context.clone()                # the context frame's patch i also lands in patch i
         other_context[0, :, (token // 4) * 8:(token // 4 + 1) * 8, (token % 4) * 8:(token % 4 + 1) * 8] *= -1
-        change_per_patch = decoder.patchify(decoder(noisy, t, latent, other_context) - base).abs().sum(-1)[0]
+        change_per_patch = decoder.patchify(decoder(noisy, t, latent, other_context, noise) - base).abs().sum(-1)[0]
         assert change_per_patch.argmax() == token
+    assert not torch.allclose(decoder(noisy, t, latent, context, noise + 0.5), base)   # it is told the noise level
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(decoder.unpatchify(decoder.patchify(images)), images)
     assert torch.equal(decoder.patchify(images)[0, 5].reshape(8, 8, 3).permute(2, 0, 1), images[0, :, 8:16, 8:16])
@@ -752,7 +753,7 @@ def test_a_decoder_that_keeps_the_context_draws_it_exactly():
     with torch.no_grad():
         decoder.patch_out.bias[pixels:] = 30.0                               # keep every context pixel
     context = torch.rand(2, 3, 32, 32) * 2 - 1
-    drawn = decoder.draw(torch.randn(2, 16, 32), context, 4)
+    drawn = decoder.draw(torch.randn(2, 16, 32), context, torch.zeros(2), 4)
     torch.testing.assert_close(drawn, context, atol=1e-5, rtol=0)            # nothing changes: pixels pass through
 
 
@@ -783,7 +784,7 @@ def test_sampler_is_deterministic_with_a_seed():
     decoder = iwm.Decoder(small_config())
     randomize_zero_inits(decoder)
     latent, context = torch.randn(2, 16, 32), torch.rand(2, 3, 32, 32) * 2 - 1
-    draw = lambda seed: decoder.draw(latent, context, 3, torch.Generator().manual_seed(seed))
+    draw = lambda seed: decoder.draw(latent, context, torch.zeros(2), 3, torch.Generator().manual_seed(seed))
     assert torch.equal(draw(1), draw(1))
     assert not torch.equal(draw(1), draw(2))
 
@@ -809,19 +810,19 @@ def test_ssim_is_one_for_identical_images_and_falls_with_blur_and_noise():
     assert iwm.ssim(torch.stack([image, noisy]), torch.stack([image, image])).shape == (2, 2)
 
 
-def test_the_decoder_learns_from_the_true_target_latent_and_the_context_frame():
-    torch.manual_seed(0)
-    model = iwm.WorldModel(small_config())
+def test_the_predictors_latent_error_is_measured_saved_and_sets_the_decoders_trust(builtin_dataset, tmp_path):
+    model, metrics = iwm.fit(small_config(data=builtin_dataset, out_dir=str(tmp_path), steps=3, eval_psnr_windows=2))
+    error = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]["latent_error"]
+    assert error.shape == (iwm.MEASURED_STEPS,) and (error > 0).all()
+    assert {"ssim_prediction", "ssim_repeat_start", "controllability"} <= metrics.keys()
     seen = []
-    original = model.decoder.forward
-    model.decoder.forward = lambda noisy, t, latent, context: seen.append((latent, context)) or original(
-        noisy, t, latent, context)
-    frames = torch.randint(0, 256, (2, 3, 32, 32, 3), dtype=torch.uint8)
-    context = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
-    model(frames, torch.rand(2, 2, 25, A), context)
-    latent, drawn_from = seen[0]
-    torch.testing.assert_close(latent, model.encode_target(frames)[:, 1])    # not noised, not predicted
-    torch.testing.assert_close(drawn_from, iwm.normalize_frames(context, 32))
+    original = model.decoder.draw
+    model.decoder.draw = lambda latent, context, noise, *rest: seen.append(noise) or original(latent, context, noise, *rest)
+    frames = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8)
+    iwm.draw_rollout(model, torch.randn(1, 20, 16, 32), frames, True, 1)
+    iwm.draw_rollout(model, torch.randn(1, 3, 16, 32), frames, False, 1)
+    torch.testing.assert_close(seen[0], torch.cat([error, error[-1:].expand(4)]))   # step 17 on: the last one's
+    assert not seen[1].any()                                                       # a true latent: no noise
 
 
 def test_the_imagination_probes_control_reads_the_inputs_of_exactly_those_steps():
