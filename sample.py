@@ -294,8 +294,8 @@ def imagination_data(model, cfg, episodes, every):
     """Windows every `every` frames of each episode. Features: the rows+columns pooling of the
     start latent beside that of the latent the model predicts k steps ahead under the recorded
     inputs, for each k in IMAGINED_STEPS; of the start latent twice (the model imagines nothing);
-    and of the start latent beside the recorded inputs of those k steps themselves (what a model
-    that only passes its inputs on could give). Targets: view_and_move_change over k steps."""
+    and of the start latent beside the recorded inputs of those k steps themselves (a linear read
+    of the inputs: a bar, not a proof). Targets: view_and_move_change over k steps."""
     features = {k: [] for k in IMAGINED_STEPS + ("start twice",) + tuple(("inputs", k) for k in IMAGINED_STEPS)}
     targets = {k: [] for k in IMAGINED_STEPS}
     device, span = next(model.parameters()).device, max(IMAGINED_STEPS) * cfg.frame_skip
