@@ -841,6 +841,18 @@ def sharpness(images):
     return laplacian.flatten(-2).var(dim=-1)
 
 
+def patch_grid(images, patch):
+    """How visible the grid of patch x patch tiles is, per image: the mean colour step across tile
+    borders over the mean step across every other pixel border. About 1 for a real frame; well
+    above 1 for a mosaic whose tiles are coloured each on its own. images (..., 3, S, S) -> (...)."""
+    across = (images[..., :, 1:] - images[..., :, :-1]).abs().mean(dim=(-3, -2))   # (..., S-1)
+    down = (images[..., 1:, :] - images[..., :-1, :]).abs().mean(dim=(-3, -1))     # (..., S-1)
+    steps = across + down                                         # (..., S-1): pixel j -> j + 1
+    border = steps[..., patch - 1::patch]                         # the steps into a new tile
+    others = (steps.sum(-1) - border.sum(-1)) / (steps.shape[-1] - border.shape[-1])
+    return border.mean(-1) / others.clamp_min(1e-8)
+
+
 def ssim(images, reference):
     """Structural similarity (Wang et al. 2004) of the grey images, per image: local means,
     variances and covariance under an 11x11 Gaussian window (sigma 1.5), averaged over the
@@ -898,8 +910,9 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
     the target latents (reconstruction), and from the mean under shuffled actions: PSNR (of the
     mean squared error over windows) and SSIM against the true frames per horizon, next to those
     of repeating the start frame; the sharpness of the drawn predictions relative to the true
-    frames'; controllability, the PSNR with the true actions minus that with shuffled ones
-    (Genie's delta-t PSNR); and the PSNR where the true view has not changed since the start.
+    frames'; how visible the patch grid is (patch_grid: the truth's, the mean's, the
+    reconstruction's, a sample's); controllability, the PSNR with the true actions minus that
+    with shuffled ones (Genie's delta-t PSNR); and the PSNR where the true view has not changed since the start.
     With futures > 0, as many possible futures are sampled per window: how close the average of
     K of them comes to the mean (latent MSE / the mean's error; about 1/K if they spread as the
     truth does), and the first FUTURES_DRAWN are drawn: PSNR of one, of the best per frame, their
@@ -944,6 +957,8 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
             sharp_drawn, sharp_truth = sharpness(drawn), sharpness(truth)                  # (b, H) each
             add(sums, "sharpness", sharp_drawn.sum(0), sharp_truth.sum(0))
             add(sums, "sharpness_still", (sharp_drawn * still).sum(0), (sharp_truth * still).sum(0))
+            for name, images in (("prediction", drawn), ("reconstruction", rebuilt), ("truth", truth)):
+                add(sums, f"grid_{name}", patch_grid(images, model.cfg.patch_size).sum(0), len(mse))
             if futures:
                 with autocast:
                     pictures = [draw(latents, False) for latents in sampled[:FUTURES_DRAWN]]
@@ -954,6 +969,7 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
                 add(sums, "mse_best_sample", sample_mse.min(dim=0).values.sum(0), len(mse))
                 add(sums, "mse_sample_shuffled", mean_squared_error(other, truth).sum(0), len(mse))
                 add(sums, "sharpness_sample", sharpness(pictures[0]).sum(0), sharp_truth.sum(0))
+                add(sums, "grid_sample", patch_grid(pictures[0], model.cfg.patch_size).sum(0), len(mse))
     n, starts = len(frames), torch.cat(starts).double()                     # (n, N*D)
     metrics = {"val_loss": (errors[0, :model.cfg.rollout].sum() / n / model.cfg.rollout).item(),
                "pred_copy": ratio(errors[0], errors[1]), "action_sensitivity": ratio(errors[2].sum(), errors[0].sum())[0],
@@ -962,7 +978,7 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
     means = {key: ratio(*value) for key, value in sums.items()}             # each a list per horizon
     for key in [k for k in means if k.startswith("mse_")]:
         metrics["psnr_" + key[4:]] = [None if m is None else psnr(m).item() for m in means[key]]
-    metrics.update({k: v for k, v in means.items() if k.startswith(("ssim_", "sharpness"))})
+    metrics.update({k: v for k, v in means.items() if k.startswith(("ssim_", "sharpness", "grid_"))})
     metrics.update({k: v[0] for k, v in means.items() if k.startswith("gap_")})
     if "mse_prediction" in sums:                                            # frames were drawn
         metrics["still_windows"] = sums["mse_still"][1].tolist()

@@ -111,17 +111,19 @@ def print_metrics(metrics, horizon):
     shown = [row for row in rows if row["h"] in (1, 2, 4, 8, 16, horizon)]    # metrics.json has every h
     print_table("The mean prediction (metrics.json has every h). PSNR (dB, of the mean squared error over the windows)\n"
                 "and SSIM against the true frame, of the mean / repeating the start frame / the decoded true latent;\n"
-                "sharpness: the mean's Laplacian variance / the truth's; controllability: PSNR with the true actions -\n"
-                "with another window's (dB)",
+                "sharpness: the mean's Laplacian variance / the truth's; grid: the mean's colour step across patch\n"
+                "borders / across other pixel borders (a real frame: about 1; the truth's is in metrics.json);\n"
+                "controllability: PSNR with the true actions - with another window's (dB)",
                 [(" h", "h", 0), ("pred/copy", "pred_copy", 3), ("PSNR mean", "psnr_prediction", 2),
                  ("repeat", "psnr_repeat_start", 2), ("recon", "psnr_reconstruction", 2), ("SSIM mean", "ssim_prediction", 3),
                  ("repeat", "ssim_repeat_start", 3), ("recon", "ssim_reconstruction", 3), ("sharpness", "sharpness", 2),
-                 ("controllability", "controllability", 2)], shown)
+                 ("grid", "grid_prediction", 2), ("controllability", "controllability", 2)], shown)
     if "psnr_sample" in metrics:
         print_table(f"Sampled futures ({iwm.LATENT_EULER_STEPS} Euler steps each): PSNR of one, and of the best of "
-                    f"{iwm.FUTURES_DRAWN} per frame; sharpness and controllability of one",
+                    f"{iwm.FUTURES_DRAWN} per frame; sharpness, grid and controllability of one",
                     [(" h", "h", 0), ("PSNR sample", "psnr_sample", 2), (f"best of {iwm.FUTURES_DRAWN}", "psnr_best_sample", 2),
-                     ("sharpness", "sharpness_sample", 2), ("controllability", "controllability_sample", 2)], shown)
+                     ("sharpness", "sharpness_sample", 2), ("grid", "grid_sample", 2),
+                     ("controllability", "controllability_sample", 2)], shown)
         print("the average of K sampled futures against the mean (latent MSE / the mean's error; 1/K if they spread as "
               "the truth does): " + ", ".join(f"K = {k}: {iwm.show(metrics.get(f'gap_{k}'), 3)}" for k in (1, 4, 16)))
     print_table("Where the true view has not changed since the start frame (n/a: no such window)",

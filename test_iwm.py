@@ -537,6 +537,19 @@ def test_sharpness_falls_with_blur_and_rises_with_a_patch_mosaic():
                                torch.cat([iwm.sharpness(detail), iwm.sharpness(blurred)]))
 
 
+def test_the_patch_grid_is_about_1_for_texture_and_high_for_a_mosaic_of_tiles():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1                     # no grid anywhere
+    tiles = torch.nn.functional.interpolate(torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, scale_factor=8)
+    grid = iwm.patch_grid(torch.stack([noise, 0.5 * noise + tiles]), 8)        # (2 images, 2)
+    assert grid.shape == (2, 2)
+    assert 0.9 < grid[0].min() and grid[0].max() < 1.1
+    assert (grid[1] > 2).all()
+    shifted = (0.5 * noise + tiles).roll(4, dims=-1).roll(4, dims=-2)           # tiles off the 8-px grid
+    assert (iwm.patch_grid(shifted, 8) < 0.8 * grid[1]).all()
+    assert (iwm.patch_grid(torch.zeros(1, 3, 16, 16), 8) == 0).all()            # flat: no steps, no grid
+
+
 def test_a_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     cfg = small_config(width=64, heads=4)
