@@ -403,7 +403,7 @@ class FutureSampler(nn.Module):
 # Diffusion decoder: latent tokens -> pixels, for watching and scoring predictions only.
 
 MAX_LATENT_NOISE = 1.0   # the decoder learns with latent noise up to this std (latents: unit
-                         # variance per token; the predictor's RMS error stays below ~0.7)
+NOISED_SHARE = 0.25      # variance; the predictor's RMS error < ~0.7) on this share of its batch
 MEASURED_STEPS = 16      # rollout steps whose latent error is measured (later steps reuse the last)
 
 
@@ -436,12 +436,11 @@ class Decoder(nn.Module):
     As in every frame-generating world model (DIAMOND, GameNGen), the decoder draws from the last
     real frame, and the latent says what changed. Per pixel it also says how much of the context
     to keep: where nothing moved, those pixels pass through exactly (a token narrower than its
-    patch, 128 < 8*8*3, could not carry them). The mean prediction is not a target latent; the
-    decoder learns on target latents noised by a random amount it is told (RAE's noise-augmented
-    decoding), and at sampling time is told the predictor's measured error: it trusts a far
-    prediction less and the context more. Latent token i and context patch i belong to image
-    patch i: both are added to the i-th noisy patch token, and token i is read out into patch i.
-    The latents' mean, with the embedding of t and the noise level, conditions every block."""
+    patch, 128 < 8*8*3, could not carry them). Told the predictor's measured error, it trusts a
+    far prediction less and the context more (it learns on target latents, some noised by an
+    amount it is told: RAE's noise-augmented decoding). Latent token i and context patch i belong
+    to image patch i: both join the i-th noisy patch token, which is read out into patch i. The
+    latents' mean, with the embedding of t and the noise level, conditions every block."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -662,10 +661,11 @@ class WorldModel(nn.Module):
         residual = targets[:, 1].detach() - mean                                     # (B, N, D)
         self.residual_rms.lerp_(residual.float().pow(2).mean().sqrt(), 0.01 * self.training)
         flow_loss = rectified_flow_loss(denoise, residual / self.residual_rms).mean()
-        # Step 2c: the decoder learns to draw frame 1 from the context frame and its target latent,
-        # noised by a random amount it is told. Detached: no decoder gradient reaches the JEPA
-        # (DINO-WM and LeWM plan worse when it does)
-        noise = MAX_LATENT_NOISE * torch.rand(B, device=frames.device)                # (B,)
+        # Step 2c: the decoder learns to draw frame 1 from the context frame and its target latent:
+        # exact (a sharp picture) or, for NOISED_SHARE of the batch, noised by an amount it is told.
+        # Detached: no decoder gradient reaches the JEPA (DINO-WM and LeWM plan worse when it does)
+        u = torch.rand(B, device=frames.device)           # where u < share, u / share ~ U(0, 1)
+        noise = MAX_LATENT_NOISE * (u < NOISED_SHARE) * u / NOISED_SHARE              # (B,)
         latent = targets[:, 1].detach()                                          # (B, N, D)
         latent = latent + noise[:, None, None] * torch.randn_like(latent)
         image, context = (normalize_frames(x, self.cfg.image_size) for x in (frames[:, 1], context))

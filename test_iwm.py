@@ -413,6 +413,26 @@ def test_shapes_through_every_module():
     assert loss.shape == () and info["world_loss"].shape == info["decoder_loss"].shape == ()
 
 
+def test_most_of_the_decoders_batch_learns_on_the_exact_latent_the_rest_on_a_noised_one_it_is_told():
+    torch.manual_seed(0)
+    model = iwm.WorldModel(small_config())
+    seen = []                                              # what the decoder is given, per call
+    model.decoder.forward = lambda noisy, t, latent, context, noise: seen.append((latent, noise)) or noisy
+    B = 256
+    frames = torch.randint(0, 256, (B, 3, 32, 32, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        model(frames, torch.rand(B, 2, 25, A), frames[:, 0])
+        target = model.encode_target(frames[:, 1:2])[:, 0]
+    latent, noise = seen[0]
+    exact = noise == 0
+    assert abs(exact.float().mean().item() - (1 - iwm.NOISED_SHARE)) < 0.08
+    torch.testing.assert_close(latent[exact], target[exact])               # exact: the target itself
+    told = noise[~exact]                                                   # noised: by what it is told
+    assert 0 < told.min() and told.max() <= iwm.MAX_LATENT_NOISE and abs(told.mean() - 0.5) < 0.1
+    spread = (latent[~exact] - target[~exact]).std(dim=(1, 2))
+    torch.testing.assert_close(spread, told, rtol=0.1, atol=0.01)
+
+
 def test_base_preset_matches_the_original_parameter_counts_within_5_percent():
     cfg = iwm.Config(**{**iwm.PRESETS["base"], "size": "base"})
     with torch.device("meta"):                 # no memory is allocated for 370M parameters
