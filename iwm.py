@@ -882,8 +882,8 @@ def measure_latent_error(model, frames, actions, device, autocast):
 @torch.no_grad()
 def draw_rollout(model, latents, start, predicted, euler_steps, generator=None, chunk=256):
     """Pictures of a rollout's latents (B, S, N, D) from its start frames (B, H, W, 3) uint8, which
-    the decoder sees as context: told the predictor's measured error at each step for predictions
-    (predicted=True), 0 for true target latents. Drawn chunk images at a time, to bound memory.
+    the decoder sees as context: told the predictor's measured error at each step for predicted
+    latents, the mean or a sampled future (predicted=True), 0 for true target latents. Drawn chunk images at a time, to bound memory.
     Returns (B, S, 3, H, W) in [-1, 1]."""
     B, S = latents.shape[:2]
     context = normalize_frames(start, model.cfg.image_size)[:, None].expand(-1, S, -1, -1, -1).flatten(0, 1)
@@ -961,9 +961,9 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
                 add(sums, f"grid_{name}", patch_grid(images, model.cfg.patch_size).sum(0), len(mse))
             if futures:
                 with autocast:
-                    pictures = [draw(latents, False) for latents in sampled[:FUTURES_DRAWN]]
+                    pictures = [draw(latents, True) for latents in sampled[:FUTURES_DRAWN]]
                     other = draw(model.rollout(latent, a.roll(1, dims=0), targets[:, 0], LATENT_EULER_STEPS,
-                                               generator).float(), False)
+                                               generator).float(), True)
                 sample_mse = torch.stack([mean_squared_error(p, truth) for p in pictures])   # (K, b, H)
                 add(sums, "mse_sample", sample_mse[0].sum(0), len(mse))
                 add(sums, "mse_best_sample", sample_mse.min(dim=0).values.sum(0), len(mse))

@@ -165,11 +165,11 @@ def run_rollouts(model, cfg, episodes, args, out):
             sample = lambda: model.rollout(start_latent, recorded, targets[:1], iwm.LATENT_EULER_STEPS, generator)[0]  # noqa: E731
             mean = ("mean", model.rollout(start_latent, recorded, targets[:1])[0], rows[0], True)
             if args.futures:
-                runs = [(f"future {k + 1}", sample(), rows[0], False) for k in range(args.futures)]
+                runs = [(f"future {k + 1}", sample(), rows[0], True) for k in range(args.futures)]
             elif args.actions:
                 runs = [mean]
             else:
-                runs = [("sampled", sample(), rows[0], False), mean, ("reconstruction", targets[1:], rows[0], False)]
+                runs = [("sampled", sample(), rows[0], True), mean, ("reconstruction", targets[1:], rows[0], False)]
             for script in args.actions:   # the recorded rows before the start, the script from the start on
                 script_rows = np.zeros((n_rows, len(ACTION_COLUMNS)), np.float32)
                 for column, value in SCRIPTS[script].items():

@@ -802,8 +802,14 @@ def test_evaluate_scores_sampled_futures_and_the_windows_where_nothing_changed()
     model.rollout = lambda latent, actions, base=None, euler_steps=0, generator=None: (
         mean_rollout(latent, actions, base) + (0.3 * torch.randn(*actions.shape[:2], *latent.shape[1:])
                                                 if euler_steps else 0))
+    model.latent_error.fill_(0.3)
+    told, draw = [], model.decoder.draw                                      # the noise each drawing is told
+    model.decoder.draw = lambda latent, context, noise, *rest: told.append(noise) or draw(latent, context, noise, *rest)
     metrics = iwm.evaluate(model, frames, torch.randn(4, 4, cfg.action_window, A), torch.device("cpu"),
                            iwm.autocast_to("cpu", torch.float32), psnr_windows=4, euler_steps=2, futures=16)
+    # told the predictor's error: the mean, under shuffled inputs, 4 futures, one under shuffled inputs;
+    # told 0: the reconstruction (the true latents) alone
+    assert sorted(bool(noise.any()) for noise in told) == [False] + [True] * 7
     assert metrics["still_windows"] == [2, 2, 0, 0] and metrics["psnr_still"][2:] == [None, None]
     assert all(math.isfinite(v) for v in metrics["psnr_still"][:2] + metrics["controllability_sample"])
     assert all(best >= one for best, one in zip(metrics["psnr_best_sample"], metrics["psnr_sample"]))
