@@ -883,8 +883,8 @@ def measure_latent_error(model, frames, actions, device, autocast):
 def draw_rollout(model, latents, start, predicted, euler_steps, generator=None, chunk=256):
     """Pictures of a rollout's latents (B, S, N, D) from its start frames (B, H, W, 3) uint8, which
     the decoder sees as context: told the predictor's measured error at each step for predicted
-    latents, the mean or a sampled future (predicted=True), 0 for true target latents. Drawn chunk images at a time, to bound memory.
-    Returns (B, S, 3, H, W) in [-1, 1]."""
+    latents, the mean or a sampled future (predicted=True), 0 for true target latents. Drawn
+    chunk images at a time, to bound memory. Returns (B, S, 3, H, W) in [-1, 1]."""
     B, S = latents.shape[:2]
     context = normalize_frames(start, model.cfg.image_size)[:, None].expand(-1, S, -1, -1, -1).flatten(0, 1)
     steps = torch.arange(S, device=latents.device).clamp_max(len(model.latent_error) - 1)
@@ -912,7 +912,8 @@ def evaluate(model, frames, actions, device, autocast, psnr_windows=0, euler_ste
     of repeating the start frame; the sharpness of the drawn predictions relative to the true
     frames'; how visible the patch grid is (patch_grid: the truth's, the mean's, the
     reconstruction's, a sample's); controllability, the PSNR with the true actions minus that
-    with shuffled ones (Genie's delta-t PSNR); and the PSNR where the true view has not changed since the start.
+    with shuffled ones (Genie's delta-t PSNR); and the PSNR where the true view has not changed
+    since the start.
     With futures > 0, as many possible futures are sampled per window: how close the average of
     K of them comes to the mean (latent MSE / the mean's error; about 1/K if they spread as the
     truth does), and the first FUTURES_DRAWN are drawn: PSNR of one, of the best per frame, their
