@@ -22,8 +22,8 @@ measured change bought):
     window by how much its view changes, so that big turns do not drown out the rest
   - an L2 loss learns the mean of the futures the model cannot tell apart; a small sampler
     draws one of them, and its first Euler step is that mean (planning and metrics use the mean)
-  - the decoder is a DiT with adaLN-Zero that draws each latent token into its own patch from
-    the last real frame, whose pixels it keeps where nothing moved
+  - the decoder, a DiT with adaLN-Zero, draws from the last real frame, whose pixels it keeps
+    where nothing moved, each token into a window around its patch, blended: no seams
   - every evaluation reports pred/copy, action sensitivity, the collapse watch (std, rank),
     and the PSNR and sharpness of decoded predictions next to "nothing moves"
 
@@ -139,11 +139,11 @@ PRESETS = {
                   decoder_heads=8, batch_size=32, grad_accum=1, lr=6e-4),
     # The original's sizes (a test checks each part within 5%; docs/faults.md): 224 px, patch 16,
     # width 768. Our conditioner blocks have MLPs, so 6 match its 16 plain cross-attention layers;
-    # our decoder adds adaLN-Zero, so MLP x5 matches its x8. Activation checkpointing keeps a
-    # micro-batch of 8 inside a 12 GB GPU (docs/memory.md).
+    # our decoder adds adaLN-Zero and 2p-wide output windows, so MLP x4.5 matches its x8.
+    # Activation checkpointing keeps a micro-batch of 8 inside a 12 GB GPU (docs/memory.md).
     "base": dict(image_size=224, patch_size=16, width=768, heads=12, encoder_depth=16,
                  conditioner_depth=6, predictor_depth=12, predictor_mlp_ratio=13.0,
-                 decoder_width=768, decoder_depth=12, decoder_heads=8, decoder_mlp_ratio=5.0,
+                 decoder_width=768, decoder_depth=12, decoder_heads=8, decoder_mlp_ratio=4.5,
                  batch_size=8, grad_accum=4, lr=3e-4, grad_ckpt=True),
 }
 # -----------------------------------------------------------------------------
@@ -434,13 +434,12 @@ class Decoder(nn.Module):
     frame (the context: in a rollout, its start frame) and how noisy the latent is.
 
     As in every frame-generating world model (DIAMOND, GameNGen), the decoder draws from the last
-    real frame, and the latent says what changed. Per pixel it also says how much of the context
-    to keep: where nothing moved, those pixels pass through exactly (a token narrower than its
-    patch, 128 < 8*8*3, could not carry them). Told the predictor's measured error, it trusts a
-    far prediction less and the context more (it learns on target latents, some noised by an
-    amount it is told: RAE's noise-augmented decoding). Latent token i and context patch i belong
-    to image patch i: both join the i-th noisy patch token, which is read out into patch i. The
-    latents' mean, with the embedding of t and the noise level, conditions every block."""
+    real frame, and the latent says what changed; per pixel it also says how much of the context
+    to keep, so still pixels pass through exactly (a token narrower than its patch, 128 < 8*8*3,
+    could not carry them). Told the predictor's measured error, it trusts a far prediction less
+    (it learns on target latents, some noised by an amount it is told: RAE). Patch i of the noisy
+    frame, patch i of the context and latent token i make its token i; the latents' mean, t and
+    the noise level condition every block."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -456,18 +455,18 @@ class Decoder(nn.Module):
                                     for _ in range(cfg.decoder_depth))
         self.final_norm = nn.LayerNorm(E, elementwise_affine=False)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(E, 2 * E))
-        self.patch_out = nn.Linear(E, 2 * 3 * p * p)     # per pixel: its colour, how much context
-        # A linear readout from latent token i straight to the pixels of patch i: the latents
-        # keep most of their patch linearly, so this skip draws the picture at once and the
-        # blocks learn the rest from the noisy input.
-        self.readout = nn.Linear(cfg.width, 3 * p * p)
+        # Token i draws a 2p x 2p window centred on patch i: per pixel, its colour and how much
+        # context to keep. Overlapping windows are blended by a tent whose weights sum to 1, so
+        # no patch border is a seam. The readout, a linear skip from token i to its window's
+        # colours, draws the picture at once (the latents keep most of their patch linearly).
+        self.patch_out = nn.Linear(E, 2 * 3 * 4 * p * p)
+        self.readout = nn.Linear(cfg.width, 3 * 4 * p * p)
         self.grad_ckpt = cfg.grad_ckpt
         self.initialize_weights()
 
     def initialize_weights(self):
-        """All special inits in one place (DiT): Xavier-uniform linears, zero biases, then zero
-        for every adaLN modulation and the output layer, so the decoder starts as a linear
-        readout of the latent, blended half and half with the context."""
+        """DiT's inits in one place: Xavier-uniform linears, zero biases, zero adaLN modulations and
+        output layer: it starts as the latent's readout, blended half and half with the context."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -479,15 +478,16 @@ class Decoder(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def patchify(self, images):                                # (B, 3, H, W)
-        B, p, g = images.shape[0], self.patch_size, self.grid
-        x = images.reshape(B, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1)     # (B, g, g, p, p, 3)
-        return x.reshape(B, g * g, p * p * 3)                              # (B, N, p*p*3)
+    def patchify(self, images):                                # (B, 3, H, W) -> (B, N, 3*p*p)
+        return F.unfold(images, self.patch_size, stride=self.patch_size).transpose(1, 2)
 
-    def unpatchify(self, patches):                             # (B, N, p*p*3)
-        B, p, g = patches.shape[0], self.patch_size, self.grid
-        x = patches.reshape(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)    # (B, 3, g, p, g, p)
-        return x.reshape(B, 3, g * p, g * p)                               # (B, 3, H, W)
+    def overlap_add(self, windows):                            # (B, N, 3*2p*2p) -> (B, 3, H, W)
+        """Tent-weighted windows summed where they overlap, over the weights' sum there."""
+        p, size = self.patch_size, self.grid * self.patch_size
+        tent = 1 - (torch.arange(2 * p, device=windows.device) - p + 0.5).abs() / p      # (2p,)
+        weights = torch.outer(tent, tent).repeat(3, 1, 1).flatten()[:, None]    # in F.fold's order
+        fold = lambda x: F.fold(x, (size, size), 2 * p, stride=p, padding=p // 2)   # noqa: E731
+        return fold(windows.transpose(1, 2) * weights) / fold(weights.expand(-1, windows.shape[1]))
 
     def forward(self, noisy, t, latent, context, latent_noise):
         """noisy (B, 3, H, W), t (B,), latent (B, N, D), context (B, 3, H, W), latent_noise (B,)."""
@@ -498,8 +498,8 @@ class Decoder(nn.Module):
         x = run_blocks(self.blocks, x, c, checkpoint=self.grad_ckpt)   # (B, N, E)
         shift, scale = self.final_modulation(c).chunk(2, dim=1)
         colour, keep = self.patch_out(modulate(self.final_norm(x), shift, scale)).chunk(2, dim=-1)
-        drawn = self.unpatchify(colour + self.readout(latent))                # (B, 3, H, W)
-        keep = torch.sigmoid(self.unpatchify(keep))            # (B, 3, H, W) 1: the context's pixel
+        drawn = self.overlap_add(colour + self.readout(latent))               # (B, 3, H, W)
+        keep = torch.sigmoid(self.overlap_add(keep))           # (B, 3, H, W) 1: the context's pixel
         return drawn + keep * (context - drawn)                # (B, 3, H, W) predicted clean image
 
     def draw(self, latent, context, latent_noise, euler_steps, generator=None):   # (B, 3, H, W)

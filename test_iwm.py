@@ -702,8 +702,20 @@ def test_decoder_draws_each_latent_token_into_its_own_patch():
         assert change_per_patch.argmax() == token
     assert not torch.allclose(decoder(noisy, t, latent, context, noise + 0.5), base)   # it is told the noise level
     images = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(decoder.unpatchify(decoder.patchify(images)), images)
-    assert torch.equal(decoder.patchify(images)[0, 5].reshape(8, 8, 3).permute(2, 0, 1), images[0, :, 8:16, 8:16])
+    assert torch.equal(decoder.patchify(images)[0, 5].reshape(3, 8, 8), images[0, :, 8:16, 8:16])
+
+
+def test_the_decoders_windows_blend_back_into_the_picture_and_leave_no_seam_at_patch_borders():
+    decoder = iwm.Decoder(small_config())                       # 32 px, 8-px patches: 4 x 4 tokens
+    images = torch.randn(2, 3, 32, 32)
+    windows = torch.nn.functional.unfold(images, 16, stride=8, padding=4).transpose(1, 2)   # (2, 16, 768)
+    torch.testing.assert_close(decoder.overlap_add(windows), images)   # each 16-px window centred on its patch
+    g = torch.Generator().manual_seed(0)
+    colours = torch.rand(2, 16, 3, 1, generator=g).expand(-1, -1, -1, 256).flatten(2)   # one colour per token
+    blended = decoder.overlap_add(colours)
+    tiles = torch.nn.functional.interpolate(colours[..., ::256].transpose(1, 2).unflatten(2, (4, 4)), scale_factor=8)
+    assert (iwm.patch_grid(tiles, 8) > 5).all()                 # drawn patch by patch: a mosaic of tiles
+    assert (iwm.patch_grid(blended, 8) < 2).all()               # blended: steps at the borders as elsewhere
 
 
 def test_noising_and_sampler_are_consistent_a_perfect_denoiser_recovers_the_target():
