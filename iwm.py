@@ -98,7 +98,7 @@ class Config:
     grad_accum: int = 1              # micro-batches per optimizer step
     rollout: int = 2                 # R: open-loop prediction steps in the loss (V-JEPA 2-AC: 2+)
     lr: float = 1e-3                 # peak learning rate (AdamW)
-    decoder_lr_scale: float = 10.0   # decoder lr = lr * this: its latent-to-pixel map is badly
+    decoder_lr_scale: float = 5.0    # decoder lr = lr * this: its latent-to-pixel map is badly
                                      # conditioned and learns far slower at the world model's lr
     min_lr_ratio: float = 0.1        # the cosine schedule ends at lr * this
     warmup_steps: int = 200          # linear warmup from 0 to lr
